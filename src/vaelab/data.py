@@ -1,0 +1,261 @@
+"""Image data held in memory as tensors and batched by indexing.
+
+Where the images come from, in order: an existing torchvision root (`data.root`); Debian's IDX files
+(package dataset-fashion-mnist, /usr/share/datasets/fashion-mnist), decompressed into torchvision's
+`raw/` layout; torchvision's download when online. Splits: the official training images cut into
+train / validation by a fixed permutation, and the official test set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from vaelab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BINARIZE = ("none", "static", "dynamic")
+IDX_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    title: str
+    torchvision_class: str | None  # class name in torchvision.datasets
+    folder: str  # torchvision's folder under the root
+    debian_dir: str | None  # where a Debian package puts the IDX .gz files
+    debian_package: str | None
+    image_shape: tuple[int, int, int]
+
+
+SOURCES = {
+    "fashion_mnist": Source("Fashion-MNIST", "FashionMNIST", "FashionMNIST",
+                            "/usr/share/datasets/fashion-mnist", "dataset-fashion-mnist", (1, 28, 28)),
+    "mnist": Source("MNIST", "MNIST", "MNIST", None, None, (1, 28, 28)),
+    "cifar10": Source("CIFAR-10", "CIFAR10", "cifar-10-batches-py", None, None, (3, 32, 32)),
+    "synthetic": Source("synthetic shapes (unit tests only)", None, "", None, None, (1, 28, 28)),
+}
+
+
+def _torchvision_split(src: Source, root: Path, train: bool, download: bool) -> np.ndarray:
+    import torchvision.datasets as tvd
+
+    ds = getattr(tvd, src.torchvision_class)(str(root), train=train, download=download)
+    data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+    return data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)  # -> [N, C, H, W] uint8
+
+
+def _install_debian_files(src: Source, root: Path) -> bool:
+    """Decompress Debian's IDX .gz files into <root>/<folder>/raw/; True if all four are there after."""
+    if not src.debian_dir or not all(Path(src.debian_dir, f + ".gz").is_file() for f in IDX_FILES):
+        return False
+    raw = root / src.folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in IDX_FILES:
+        target = raw / name
+        if target.is_file():
+            continue
+        tmp = target.with_suffix(".part")
+        with gzip.open(Path(src.debian_dir, name + ".gz"), "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(tmp, target)  # atomic: a half-written file is never mistaken for data
+    log.info("Decompressed %s from %s into %s", src.title, src.debian_dir, raw)
+    return True
+
+
+def load_images(name: str, root: str | os.PathLike, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(official train images, official test images) as uint8 [N, C, H, W], from the first source that works."""
+    src = SOURCES[name]
+    root = Path(root)
+    try:  # 1. an existing torchvision root
+        return _torchvision_split(src, root, True, False), _torchvision_split(src, root, False, False)
+    except (RuntimeError, FileNotFoundError, OSError):
+        pass
+    if _install_debian_files(src, root):  # 2. Debian's package
+        return _torchvision_split(src, root, True, False), _torchvision_split(src, root, False, False)
+    if download:  # 3. torchvision's download
+        try:
+            return _torchvision_split(src, root, True, True), _torchvision_split(src, root, False, True)
+        except Exception as exc:  # noqa: BLE001 - any network failure means the same thing here
+            log.info("Download of %s failed: %s", src.title, exc)
+    ways = [f"put torchvision's files under {root / src.folder}"]
+    if src.debian_package:
+        ways.insert(0, f"install Debian's package ({src.debian_package}, e.g. `make data` as root)")
+    ways.append("run once with network access and data.download=true" if not download
+                else "run once with network access so torchvision can download it")
+    raise DataError(f"{src.title} was not found: {', '.join(ways[:-1])}, or {ways[-1]}.")
+
+
+def synthetic_images(n: int, seed: int, shape=(1, 28, 28)) -> np.ndarray:
+    """Random filled rectangles and discs as uint8 images: structure a VAE can learn, for unit tests only."""
+    g = np.random.default_rng(seed)
+    c, h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.zeros((n, c, h, w), dtype=np.uint8)
+    for i in range(n):
+        cy, cx = g.integers(6, h - 6), g.integers(6, w - 6)
+        r = g.integers(3, 7)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) if g.random() < 0.5 else (
+            (abs(yy - cy) <= r) & (abs(xx - cx) <= r))
+        out[i, :, mask] = g.integers(150, 256)
+    return out
+
+
+def _identity(batch):
+    return batch
+
+
+class InMemoryImages(Dataset):
+    """Images as one uint8 or float tensor; a batch is one indexing operation, not per-image transforms.
+    With dynamic binarisation every fetch draws fresh Bernoulli pixels."""
+
+    def __init__(self, images: Tensor, dynamic_binarize: bool = False) -> None:
+        self.images = images
+        self.dynamic = dynamic_binarize
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        x = self.images[indices]
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return torch.bernoulli(x) if self.dynamic else x
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.__getitems__([index])[0]
+
+
+def _binarize(x: Tensor, seed: int) -> Tensor:
+    return torch.bernoulli(x.float() / 255.0, generator=torch.Generator().manual_seed(seed))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Fashion-MNIST (default), MNIST, CIFAR-10 or synthetic shapes, as in-memory tensors.
+
+    binarize: none (grey-scale in [0, 1]) | static (one fixed Bernoulli draw) | dynamic (a fresh draw per
+    training batch; validation and test are drawn once with a fixed seed so they stay comparable).
+    subset: cap every split at this many images, for small fast runs.
+    """
+
+    def __init__(
+        self,
+        name: str = "fashion_mnist",
+        root: str = "data",
+        binarize: str = "dynamic",
+        batch_size: int = 100,
+        eval_batch_size: int = 500,
+        val_size: int = 10_000,
+        subset: int | None = None,
+        split_seed: int = 0,
+        download: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in SOURCES:
+            raise ConfigError(f"data.name must be one of {', '.join(SOURCES)}, got {name!r} (conf/data/)")
+        if binarize not in BINARIZE:
+            raise ConfigError(f"data.binarize must be one of {', '.join(BINARIZE)}, got {binarize!r} (conf/data/)")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                           ("val_size", val_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.{key} must be a positive integer, got {value!r} (conf/data/)")
+        if subset is not None and (not isinstance(subset, int) or subset <= 0):
+            raise ConfigError(f"data.subset must be a positive number of images or null, got {subset!r}")
+        self.name, self.root, self.binarize = name, root, binarize
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.subset, self.split_seed = val_size, subset, split_seed
+        self.download, self.num_workers = download, num_workers
+        self.source = SOURCES[name]
+        self.image_shape: tuple[int, int, int] = self.source.image_shape
+        self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def is_binary(self) -> bool:
+        return self.binarize != "none"
+
+    def prepare_data(self) -> None:
+        if self.name != "synthetic":
+            load_images(self.name, self.root, self.download)
+
+    def _raw(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.name == "synthetic":
+            n = (self.subset or 2000)
+            return synthetic_images(n + min(self.val_size, n), 1), synthetic_images(n, 2)
+        return load_images(self.name, self.root, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_all, test = (torch.from_numpy(np.ascontiguousarray(a)) for a in self._raw())
+        if self.val_size >= train_all.shape[0]:
+            raise ConfigError(
+                f"data.val_size={self.val_size} leaves no training images out of {train_all.shape[0]}"
+            )
+        perm = torch.randperm(train_all.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
+        train, val = train_all[perm[self.val_size:]], train_all[perm[: self.val_size]]
+        if self.subset:
+            train, val, test = train[: self.subset], val[: self.subset], test[: self.subset]
+        if self.batch_size > train.shape[0]:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {train.shape[0]} training images; "
+                "lower data.batch_size or raise data.subset"
+            )
+        if self.binarize == "static":
+            train = _binarize(train, self.split_seed + 1)
+        if self.is_binary:  # evaluation sets are binarised once, with a fixed seed
+            val, test = _binarize(val, self.split_seed + 2), _binarize(test, self.split_seed + 3)
+        self.train_set = InMemoryImages(train, dynamic_binarize=self.binarize == "dynamic")
+        self.val_set, self.test_set = InMemoryImages(val), InMemoryImages(test)
+
+    def train_images(self) -> Tensor:
+        """All training images as floats in [0, 1] (grey values, not binarised): for pseudo-input init."""
+        x = self.train_set.images
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+    def example_batch(self, n: int) -> Tensor:
+        """The first n validation images: a fixed batch for reconstruction grids."""
+        return self.val_set.__getitems__(list(range(min(n, len(self.val_set)))))
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_identity,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+
+def main() -> None:
+    """`python -m vaelab.data [name] [root]`: make a data set available (used by `make data`)."""
+    import sys
+
+    name = sys.argv[1] if len(sys.argv) > 1 else "fashion_mnist"
+    root = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("VAELAB_DATA_DIR", "data")
+    try:
+        train, test = load_images(name, root, download=True)
+    except DataError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"{SOURCES[name].title}: {len(train)} training and {len(test)} test images under {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Errors meant for people: each message names the problem and the fix in one sentence."""
+
+
+class VaelabError(Exception):
+    """An error the user can fix; the entry points print its message alone, without a traceback."""
+
+
+class ConfigError(VaelabError, ValueError):
+    """A config value is out of range or inconsistent with another."""
+
+
+class DataError(VaelabError):
+    """A data set cannot be found or read."""
+
+
+class CheckpointError(VaelabError):
+    """A checkpoint is missing, truncated, or from another model."""
+
+
+class NonFiniteLossError(VaelabError):
+    """Training produced a NaN or infinite loss."""

@@ -1,0 +1,79 @@
+"""Experiment loggers. W&B runs online when credentials and the network are there, else offline."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_reachable(host: str = "api.wandb.ai", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_wandb_mode(mode: str = "auto") -> str:
+    """auto: WANDB_MODE if set, else online with credentials and network, else offline."""
+    if mode not in MODES:
+        from vaelab.errors import ConfigError
+
+        raise ConfigError(f"logger.wandb.mode must be one of {', '.join(MODES)}, got {mode!r} (conf/logger/wandb.yaml)")
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if os.environ["WANDB_MODE"] == "dryrun" else os.environ["WANDB_MODE"]
+    if not wandb_credentials():
+        log.info("No W&B credentials found (WANDB_API_KEY or `wandb login`): logging offline.")
+        return "offline"
+    if not wandb_reachable():
+        log.info("W&B credentials found but api.wandb.ai is unreachable: logging offline.")
+        return "offline"
+    return "online"
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str = "vaelab",
+    group: str | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
+    job_type: str = "train",
+    notes: str | None = None,
+    mode: str = "auto",
+    log_model: bool | str = False,
+    run_id: str | None = None,
+) -> WandbLogger:
+    """Lightning's WandbLogger, writing under the run directory, in the mode `resolve_wandb_mode` picks."""
+    resolved = resolve_wandb_mode(mode)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        save_dir=save_dir, project=project, group=group, name=name, tags=list(tags or []), job_type=job_type,
+        notes=notes, offline=resolved == "offline", mode=resolved, log_model=log_model, id=run_id,
+        resume="allow" if run_id else None,
+    )
+
+
+def wandb_run_dir(logger: WandbLogger) -> Path | None:
+    """The run's local directory (…/wandb/offline-run-…), the one `wandb sync` takes."""
+    run = logger.experiment
+    files_dir = getattr(run, "dir", None)
+    return Path(files_dir).parent if files_dir else None

@@ -1,0 +1,13 @@
+"""Plain-PyTorch VAEs speaking one protocol. Nothing here imports lightning, hydra or wandb."""
+
+from vaelab.models.base import ElboTerms, VAEBase
+from vaelab.models.hvae import HierarchicalVAE
+from vaelab.models.likelihoods import Bernoulli, Gaussian, Likelihood
+from vaelab.models.priors import Prior, StandardNormal, VampPrior
+from vaelab.models.vae import VAE
+
+__all__ = [
+    "VAE", "HierarchicalVAE", "VAEBase", "ElboTerms",
+    "Likelihood", "Bernoulli", "Gaussian",
+    "Prior", "StandardNormal", "VampPrior",
+]

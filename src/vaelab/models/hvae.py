@@ -1,0 +1,154 @@
+"""The hierarchical ("deeper") VAE: L stochastic layers, generalising the two-level HVAE of the VampPrior
+paper (Tomczak & Welling, 2018, appendix):
+
+    inference   q(z_L | x),  q(z_l | x, z_{l+1})  for l = L-1 .. 1
+    generative  p(z_L) (the prior choice),  p(z_l | z_{l+1}),  p(x | z_1, ..., z_L)
+
+KL per layer: the top layer's against the prior (closed form or Monte Carlo, as the prior offers); each
+lower layer's KL(q(z_l|x,z_{l+1}) || p(z_l|z_{l+1})) in closed form given the sampled z_{l+1}.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vaelab.models.base import ElboTerms, VAEBase, positive_int
+from vaelab.models.distributions import kl_normal_normal, log_normal_diag, reparameterize
+from vaelab.models.networks import Decoder, Encoder, GatedDense, GaussianHead, ImageFeatures, gated_mlp
+
+
+class ConditionalPosterior(nn.Module):
+    """q(z_l | x, z_{l+1}): an x branch and a z branch, joined by a gated layer (the paper's q(z1|x,z2))."""
+
+    def __init__(self, image_shape, latent_dim: int, hidden_dim: int, network: str) -> None:
+        super().__init__()
+        self.x_features = ImageFeatures(image_shape, hidden_dim, 1, network)
+        self.z_branch = GatedDense(latent_dim, hidden_dim)
+        self.joint = GatedDense(2 * hidden_dim, hidden_dim)
+        self.head = GaussianHead(hidden_dim, latent_dim)
+
+    def forward(self, h_x: Tensor, z_above: Tensor) -> tuple[Tensor, Tensor]:
+        """h_x: x_features(x), [B, H], broadcast against z_above [..., B, D]."""
+        h_z = self.z_branch(z_above)
+        return self.head(self.joint(torch.cat([h_x.expand_as(h_z), h_z], -1)))
+
+
+class ConditionalPrior(nn.Module):
+    """p(z_l | z_{l+1}): a gated MLP and a Gaussian head."""
+
+    def __init__(self, latent_dim: int, hidden_dim: int, num_hidden: int) -> None:
+        super().__init__()
+        self.net = gated_mlp(latent_dim, hidden_dim, num_hidden)
+        self.head = GaussianHead(hidden_dim, latent_dim)
+
+    def forward(self, z_above: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.net(z_above))
+
+
+class JointDecoder(nn.Module):
+    """p(x | z_1, ..., z_L): each z_l through its own gated layer, concatenated, then the image decoder."""
+
+    def __init__(self, num_layers, latent_dim, image_shape, num_params, hidden_dim, network) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(GatedDense(latent_dim, hidden_dim) for _ in range(num_layers))
+        self.decoder = Decoder(num_layers * hidden_dim, image_shape, num_params, hidden_dim, 1, network)
+
+    def forward(self, zs: list[Tensor]) -> Tensor:
+        return self.decoder(torch.cat([b(z) for b, z in zip(self.branches, zs)], -1))
+
+
+class HierarchicalVAE(VAEBase):
+    name = "deep"
+
+    def __init__(
+        self,
+        image_shape: tuple[int, ...],
+        latent_dim: int = 40,
+        num_layers: int = 2,
+        hidden_dim: int = 300,
+        num_hidden: int = 2,
+        network: str = "mlp",
+        likelihood=None,
+        prior=None,
+    ) -> None:
+        super().__init__(image_shape, likelihood, prior)
+        src = "conf/model/deep.yaml"
+        self.latent_dim = positive_int(latent_dim, "model.latent_dim", src)
+        self.num_layers = positive_int(num_layers, "model.num_layers", src)
+        positive_int(hidden_dim, "model.hidden_dim", src)
+        positive_int(num_hidden, "model.num_hidden", src)
+        # Lists run bottom-up: index 0 is layer 1 (nearest the data), index L-1 the top layer.
+        self.top_encoder = Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
+        self.posteriors = nn.ModuleList(
+            ConditionalPosterior(self.image_shape, latent_dim, hidden_dim, network) for _ in range(num_layers - 1)
+        )
+        self.conditional_priors = nn.ModuleList(
+            ConditionalPrior(latent_dim, hidden_dim, num_hidden) for _ in range(num_layers - 1)
+        )
+        self.decoder = JointDecoder(num_layers, latent_dim, self.image_shape, self.likelihood.num_params,
+                                    hidden_dim, network)
+        self.prior = self._build_prior(latent_dim, self.top_encoder)
+
+    @property
+    def latent_dims(self) -> list[int]:
+        return [self.latent_dim] * self.num_layers
+
+    def _infer(self, x: Tensor, k: int | None):
+        """Sample z_L, ..., z_1 from q top-down. Returns per layer (z, q_mu, q_logvar), bottom-up order."""
+        mu, logvar = self.top_encoder(x)
+        z = reparameterize(mu, logvar, n=k)
+        layers = [(z, mu, logvar)]
+        for post in reversed(self.posteriors):
+            mu, logvar = post(post.x_features(x), z)
+            z = reparameterize(mu, logvar)
+            layers.append((z, mu, logvar))
+        return layers[::-1]
+
+    def elbo_terms(self, x: Tensor) -> ElboTerms:
+        layers = self._infer(x, None)
+        zs = [z for z, _, _ in layers]
+        recon = -self.likelihood.log_prob(x, self.decoder(zs))  # [B]
+        z_top, mu_top, logvar_top = layers[-1]
+        kls = []
+        for l, cond_prior in enumerate(self.conditional_priors):
+            _, q_mu, q_logvar = layers[l]
+            p_mu, p_logvar = cond_prior(zs[l + 1])
+            kls.append(kl_normal_normal(q_mu, q_logvar, p_mu, p_logvar))  # [B]
+        kls.append(self.prior.kl(z_top, mu_top, logvar_top))
+        return ElboTerms(recon=recon, kl_layers=torch.stack(kls))
+
+    def log_importance_weights(self, x: Tensor, k: int) -> Tensor:
+        layers = self._infer(x, k)  # each z: [k, B, D]
+        zs = [z for z, _, _ in layers]
+        log_w = self.likelihood.log_prob(x, self.decoder(zs)) + self.prior.log_prob(zs[-1])  # [k, B]
+        for l, cond_prior in enumerate(self.conditional_priors):
+            log_w = log_w + log_normal_diag(zs[l], *cond_prior(zs[l + 1]))
+        for z, q_mu, q_logvar in layers:
+            log_w = log_w - log_normal_diag(z, q_mu, q_logvar)
+        return log_w
+
+    def sample_latents(self, n: int) -> list[Tensor]:
+        z = self.prior.sample(n)
+        zs = [z]
+        for cond_prior in reversed(self.conditional_priors):
+            z = reparameterize(*cond_prior(z))
+            zs.append(z)
+        return zs[::-1]
+
+    def decode_mean(self, zs: list[Tensor]) -> Tensor:
+        return self.likelihood.mean(self.decoder(zs))
+
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor) -> list[Tensor]:
+        """E_q[z_L|x], then each lower layer's mean given the mean above (a deterministic pass)."""
+        mu, _ = self.top_encoder(x)
+        means = [mu]
+        for post in reversed(self.posteriors):
+            mu, _ = post(post.x_features(x), mu)
+            means.append(mu)
+        return means[::-1]
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode_mean([z for z, _, _ in self._infer(x, None)])

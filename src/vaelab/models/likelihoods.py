@@ -1,0 +1,115 @@
+"""Likelihood families p(x|z): each turns decoder output into log p(x|z), a mean and a sample.
+
+A decoder produces `num_params` channels per image channel; the likelihood reads them.
+log_prob returns one value per example, summed over pixels: [*batch].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vaelab.errors import ConfigError
+
+
+def _sum_pixels(t: Tensor, image_ndim: int = 3) -> Tensor:
+    return t.flatten(-image_ndim).sum(-1)
+
+
+class Likelihood(nn.Module):
+    """Base class: `num_params` decoder channels per image channel, and whether x must be binary."""
+
+    num_params: int = 1
+    name: str = "likelihood"
+    needs_binary: bool = False
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def mean(self, params: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def sample(self, params: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Bernoulli(Likelihood):
+    """Bernoulli pixels with logits from the decoder; -log p(x|z) is the summed binary cross-entropy."""
+
+    name = "bernoulli"
+    needs_binary = True
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        x = x.expand_as(params)
+        return -_sum_pixels(F.binary_cross_entropy_with_logits(params, x, reduction="none"))
+
+    def mean(self, params: Tensor) -> Tensor:
+        return torch.sigmoid(params)
+
+    def sample(self, params: Tensor) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(params))
+
+
+class Gaussian(Likelihood):
+    """Gaussian pixels: mean from the decoder, variance fixed, learned (one scalar) or per pixel.
+
+    With fixed variance, -log p(x|z) is the summed squared error / (2 sigma^2) plus a constant (MSE).
+    `mean_activation="sigmoid"` keeps means in the [0, 1] range of images; "identity" leaves them free.
+    """
+
+    name = "gaussian"
+    VARIANCES = ("fixed", "learned", "per_pixel")
+    ACTIVATIONS = ("sigmoid", "identity")
+
+    def __init__(
+        self,
+        variance: str = "learned",
+        sigma: float = 0.1,
+        mean_activation: str = "sigmoid",
+        min_logvar: float = -9.0,
+    ) -> None:
+        super().__init__()
+        if variance not in self.VARIANCES:
+            raise ConfigError(
+                f"likelihood.variance must be one of {', '.join(self.VARIANCES)}, got {variance!r} "
+                "(conf/likelihood/gaussian.yaml)"
+            )
+        if mean_activation not in self.ACTIVATIONS:
+            raise ConfigError(
+                f"likelihood.mean_activation must be one of {', '.join(self.ACTIVATIONS)}, "
+                f"got {mean_activation!r} (conf/likelihood/gaussian.yaml)"
+            )
+        if not sigma > 0:
+            raise ConfigError(f"likelihood.sigma must be positive, got {sigma} (conf/likelihood/gaussian.yaml)")
+        self.variance = variance
+        self.mean_activation = mean_activation
+        self.min_logvar = min_logvar
+        self.num_params = 2 if variance == "per_pixel" else 1
+        logvar = torch.tensor(2.0 * math.log(sigma))
+        if variance == "learned":
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer("logvar", logvar)
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        if self.variance == "per_pixel":
+            raw_mean, logvar = params.chunk(2, dim=-3)
+        else:
+            raw_mean, logvar = params, self.logvar
+        mean = torch.sigmoid(raw_mean) if self.mean_activation == "sigmoid" else raw_mean
+        return mean, logvar.clamp(min=self.min_logvar)
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        mean, logvar = self._split(params)
+        log_density = -0.5 * (math.log(2 * math.pi) + logvar + (x - mean).pow(2) * torch.exp(-logvar))
+        return _sum_pixels(log_density.expand_as(mean))
+
+    def mean(self, params: Tensor) -> Tensor:
+        return self._split(params)[0]
+
+    def sample(self, params: Tensor) -> Tensor:
+        mean, logvar = self._split(params)
+        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)

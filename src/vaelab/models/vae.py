@@ -1,0 +1,69 @@
+"""The vanilla VAE: one Gaussian latent layer, q(z|x) = N(mu(x), sigma(x)^2), p(x|z) from the
+likelihood, and any prior (standard normal by default, closed-form KL; VampPrior, Monte Carlo KL)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vaelab.models.base import ElboTerms, VAEBase, positive_int
+from vaelab.models.distributions import log_normal_diag, reparameterize
+from vaelab.models.networks import Decoder, Encoder
+
+
+class VAE(VAEBase):
+    name = "vanilla"
+
+    def __init__(
+        self,
+        image_shape: tuple[int, ...],
+        latent_dim: int = 40,
+        hidden_dim: int = 300,
+        num_hidden: int = 2,
+        network: str = "mlp",
+        likelihood=None,
+        prior=None,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__(image_shape, likelihood, prior)
+        src = "conf/model/"
+        self.latent_dim = positive_int(latent_dim, "model.latent_dim", src)
+        positive_int(hidden_dim, "model.hidden_dim", src)
+        self.encoder = encoder or Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
+        self.decoder = decoder or Decoder(
+            latent_dim, self.image_shape, self.likelihood.num_params, hidden_dim, num_hidden, network
+        )
+        self.prior = self._build_prior(latent_dim, self.encoder)
+
+    @property
+    def latent_dims(self) -> list[int]:
+        return [self.latent_dim]
+
+    def elbo_terms(self, x: Tensor) -> ElboTerms:
+        q_mu, q_logvar = self.encoder(x)  # [B, D]
+        z = reparameterize(q_mu, q_logvar)  # [B, D]
+        recon = -self.likelihood.log_prob(x, self.decoder(z))  # [B]
+        kl = self.prior.kl(z, q_mu, q_logvar)  # [B]
+        return ElboTerms(recon=recon, kl_layers=kl.unsqueeze(0))
+
+    def log_importance_weights(self, x: Tensor, k: int) -> Tensor:
+        q_mu, q_logvar = self.encoder(x)  # [B, D]
+        z = reparameterize(q_mu, q_logvar, n=k)  # [k, B, D]
+        log_p_x = self.likelihood.log_prob(x, self.decoder(z))  # [k, B]
+        return log_p_x + self.prior.log_prob(z) - log_normal_diag(z, q_mu, q_logvar)
+
+    def sample_latents(self, n: int) -> Tensor:
+        return self.prior.sample(n)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor) -> list[Tensor]:
+        return [self.encoder(x)[0]]
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        q_mu, q_logvar = self.encoder(x)
+        return self.decode_mean(reparameterize(q_mu, q_logvar))

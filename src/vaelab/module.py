@@ -1,0 +1,161 @@
+"""VAEModule: the Lightning wrapper every VAE shares. It knows the protocol (models/base.py), not the model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from vaelab.errors import ConfigError, NonFiniteLossError
+from vaelab.metrics import ActiveUnits, ImportanceSampledNLL, bits_per_dim, importance_log_weights
+from vaelab.models.base import ElboTerms, VAEBase
+
+KL_DESCRIPTION = {
+    True: "closed-form KL(q(z|x) || p(z))",
+    False: "Monte Carlo KL estimate log q(z|x) - log p(z) at z ~ q(z|x) (no closed form for this prior)",
+}
+
+
+class VAEModule(L.LightningModule):
+    """Trains any VAE on -ELBO = recon + KL with linear KL warm-up, beta weighting and free bits; tests it
+    with the importance-sampled NLL.
+
+    beta: weight of the KL term after warm-up (1 gives the true ELBO).
+    warmup_epochs: beta rises linearly from 0 over this many epochs (0: no warm-up).
+    free_bits: floor, in nats, on the batch-mean KL of each stochastic layer (0: off).
+    importance_samples: K for test/nll.
+    """
+
+    def __init__(
+        self,
+        model: VAEBase,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        beta: float = 1.0,
+        warmup_epochs: float = 0.0,
+        free_bits: float = 0.0,
+        importance_samples: int = 1000,
+        importance_points_per_pass: int = 5_000,
+        check_finite_every_n_steps: int = 1,
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"optim.lr must be positive, got {lr} (conf/train.yaml)")
+        if beta < 0:
+            raise ConfigError(f"loss.beta must be >= 0, got {beta} (conf/loss/)")
+        if warmup_epochs < 0:
+            raise ConfigError(f"loss.warmup_epochs must be >= 0 (0 turns warm-up off), got {warmup_epochs}")
+        if free_bits < 0:
+            raise ConfigError(f"loss.free_bits must be >= 0 nats (0 turns it off), got {free_bits}")
+        if isinstance(importance_samples, bool) or not isinstance(importance_samples, int) or importance_samples <= 0:
+            raise ConfigError(
+                f"eval.importance_samples must be a positive integer (K for test/nll, e.g. 1000), "
+                f"got {importance_samples!r}"
+            )
+        self.save_hyperparameters(ignore=["model", "run_config"])
+        self.model = model
+        self.run_config = run_config
+        self.num_dims = math.prod(model.image_shape)
+        self.test_nll = ImportanceSampledNLL()
+        self.val_active = nn.ModuleList(ActiveUnits(d) for d in model.latent_dims)
+        self.test_active = nn.ModuleList(ActiveUnits(d) for d in model.latent_dims)
+
+    # -- the objective --------------------------------------------------------------------------
+    def beta(self) -> float:
+        """KL weight now: linear warm-up from 0 to loss.beta over warmup_epochs (fractional epochs)."""
+        b, warm = self.hparams.beta, self.hparams.warmup_epochs
+        if warm <= 0 or self._trainer is None:
+            return b
+        steps_per_epoch = max(1, self.trainer.num_training_batches)
+        progress = self.global_step / steps_per_epoch / warm
+        return b * min(1.0, progress)
+
+    def _log_terms(self, stage: str, terms: ElboTerms, **kw) -> Tensor:
+        recon, kl_layers = terms.recon.mean(), terms.kl_layers.mean(1)  # [L]
+        kl = kl_layers.sum()
+        loss = recon + kl  # -ELBO, nats per example
+        values = {f"{stage}/loss": loss, f"{stage}/elbo": -loss, f"{stage}/recon": recon, f"{stage}/kl": kl}
+        if kl_layers.numel() > 1:
+            values.update({f"{stage}/kl_{i + 1}": v for i, v in enumerate(kl_layers)})
+        self.log_dict(values, **kw)
+        return loss
+
+    def objective(self, terms: ElboTerms, beta: float) -> Tensor:
+        """What training minimises: recon + beta * sum_l max(free_bits, KL_l), batch means. With beta=1 and
+        no free bits it is -ELBO; free bits (Kingma et al. 2016) remove the pressure on a layer's KL below
+        free_bits nats, against posterior collapse."""
+        kl_layers = terms.kl_layers.mean(1)  # [L]
+        if self.hparams.free_bits > 0:
+            kl_layers = kl_layers.clamp(min=self.hparams.free_bits)
+        return terms.recon.mean() + beta * kl_layers.sum()
+
+    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
+        terms = self.model.elbo_terms(x)
+        beta = self.beta()
+        objective = self.objective(terms, beta)
+        every = self.hparams.check_finite_every_n_steps
+        if every and self.global_step % every == 0:
+            self._check_finite(terms)
+        # train/* are epoch means (the twins of val/*); train_step/* the per-step curves.
+        self._log_terms("train", terms, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self._log_terms("train_step", terms, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_dict({"train/beta": beta, "train_step/objective": objective}, on_step=True, on_epoch=False,
+                      batch_size=x.shape[0])
+        return objective
+
+    def _check_finite(self, terms: ElboTerms) -> None:
+        recon_ok, kl_ok = torch.isfinite(terms.recon).all(), torch.isfinite(terms.kl_layers).all()
+        if bool(recon_ok & kl_ok):  # one host-device sync, every check_finite_every_n_steps steps
+            return
+        which = ("reconstruction term" if not recon_ok else "") + (" and " if not (recon_ok or kl_ok) else "") + (
+            "KL term" if not kl_ok else "")
+        raise NonFiniteLossError(
+            f"Training stopped: the loss became NaN or infinite in the {which} at step {self.global_step} "
+            f"(epoch {self.current_epoch}); lower optim.lr or check the data for NaNs. Checkpoints already "
+            "saved were not touched."
+        )
+
+    def validation_step(self, x: Tensor, batch_idx: int) -> None:
+        terms = self.model.elbo_terms(x)
+        self._log_terms("val", terms, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        for metric, means in zip(self.val_active, self.model.posterior_means(x)):
+            metric.update(means)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_active_units("val", self.val_active)
+
+    def test_step(self, x: Tensor, batch_idx: int) -> None:
+        terms = self.model.elbo_terms(x)
+        self._log_terms("test", terms, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        for metric, means in zip(self.test_active, self.model.posterior_means(x)):
+            metric.update(means)
+        log_w = importance_log_weights(
+            self.model, x, self.hparams.importance_samples, self.hparams.importance_points_per_pass
+        )  # [K, B]
+        self.test_nll.update(log_w)
+
+    def on_test_epoch_end(self) -> None:
+        nll = self.test_nll.compute()
+        self.log_dict({"test/nll": nll, "test/bpd": bits_per_dim(nll, self.num_dims)})
+        self.test_nll.reset()
+        self._log_active_units("test", self.test_active)
+
+    def _log_active_units(self, stage: str, metrics: nn.ModuleList) -> None:
+        counts = [m.compute() for m in metrics]
+        values = {f"{stage}/active_units": sum(counts)}
+        if len(counts) > 1:
+            values.update({f"{stage}/active_units_{i + 1}": c for i, c in enumerate(counts)})
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()})
+        for m in metrics:
+            m.reset()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:  # lets tools rebuild the model from the checkpoint alone
+            checkpoint["vaelab_config"] = self.run_config

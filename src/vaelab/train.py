@@ -1,0 +1,182 @@
+"""vaelab-train: the Hydra app. Composes conf/, builds data, model, module, callbacks, loggers and Trainer,
+trains, tests on the best checkpoint, writes results.json and returns the metric sweepers optimise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.loggers import wandb_run_dir
+from vaelab.module import KL_DESCRIPTION, VAEModule
+
+log = logging.getLogger("vaelab")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _build(cfg_node: DictConfig, **kwargs) -> Any:
+    """hydra.utils.instantiate, with our own errors unwrapped so people see the sentence, not the wrapper."""
+    try:
+        return instantiate(cfg_node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, VaelabError):
+            raise cause from None
+        raise
+
+
+def check_consistency(cfg: DictConfig, datamodule) -> None:
+    """Checks across config groups, before anything trains."""
+    lik = cfg.likelihood.get("name", "")
+    if lik == "gaussian" and datamodule.is_binary:
+        raise ConfigError(
+            f"likelihood=gaussian does not fit binarised data (data.binarize={datamodule.binarize}); "
+            "use likelihood=bernoulli, or data.binarize=none for grey-scale images"
+        )
+    if lik == "bernoulli" and not datamodule.is_binary and datamodule.name == "cifar10":
+        raise ConfigError("likelihood=bernoulli does not fit colour images (data=cifar10); use likelihood=gaussian")
+
+
+def _spec(node: DictConfig) -> DictConfig:
+    """A model-part config without its `name`, which labels runs and is no constructor argument."""
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"})
+
+
+def build_model(cfg: DictConfig, image_shape) -> torch.nn.Module:
+    likelihood = _build(_spec(cfg.likelihood))
+    prior = _build(_spec(cfg.prior))  # a partial: the model builds it with its own latent size and encoder
+    return _build(_spec(cfg.model), image_shape=image_shape, likelihood=likelihood, prior=prior)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; return its results (also written to results.json)."""
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+
+    datamodule = _build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    check_consistency(cfg, datamodule)
+    model = build_model(cfg, datamodule.image_shape)
+    if cfg.prior.get("init") == "data" and hasattr(model.prior, "init_from_data"):
+        model.prior.init_from_data(datamodule.train_images())
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    module = VAEModule(model, run_config=run_config, **cfg.loss, **cfg.optim, **cfg.eval)
+
+    callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [_build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_hyperparams(run_config)
+            lg.experiment.config.update(
+                {"kl_estimator": KL_DESCRIPTION[model.prior.analytic_kl]}, allow_val_change=True)
+    trainer: L.Trainer = _build(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    train_time = time.perf_counter() - t0
+
+    # the last epoch's train/ and val/ figures; test/ ones follow from the best checkpoint
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if best is not None:
+        metrics["val/best_loss"] = float(best)
+    test_time = 0.0
+    if cfg.get("test", True):
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        t1 = time.perf_counter()
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True)
+        test_time = time.perf_counter() - t1
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    results = {
+        "status": "finished",
+        "model": cfg.model.get("name", cfg.model._target_),
+        "prior": cfg.prior.get("name", "standard"),
+        "likelihood": cfg.likelihood.get("name", ""),
+        "data": cfg.data.name,
+        "binarize": cfg.data.binarize,
+        "seed": cfg.seed,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "train_time_s": round(train_time, 2),
+        "test_time_s": round(test_time, 2),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "importance_samples": cfg.eval.importance_samples,
+        "kl_estimator": KL_DESCRIPTION[model.prior.analytic_kl],
+        "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        "metrics": metrics,
+        "run_dir": str(out_dir),
+    }
+    wandb_dir = None
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            wandb_dir = wandb_run_dir(lg)
+            results["wandb"] = {"id": lg.experiment.id, "mode": lg.experiment.settings.mode,
+                                "dir": str(wandb_dir) if wandb_dir else None}
+    if trainer.is_global_zero:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        _print_summary(results, out_dir, wandb_dir)
+    _finish_wandb(loggers)
+    return results
+
+
+def _finish_wandb(loggers) -> None:
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()  # each run ends cleanly before the next (multirun) starts
+
+
+def _print_summary(results: dict, out_dir: Path, wandb_dir: Path | None) -> None:
+    m = results["metrics"]
+    lines = [f"\nvaelab: {results['model']} / {results['prior']} prior / {results['likelihood']} on "
+             f"{results['data']} ({results['binarize']}), {results['epochs']} epochs, "
+             f"{results['train_time_s']:.0f} s training"]
+    for key in ("test/nll", "test/elbo", "test/recon", "test/kl", "test/bpd", "test/active_units"):
+        if key in m:
+            lines.append(f"  {key:<18} {m[key]:.4f}")
+    lines.append(f"  run directory      {out_dir}")
+    lines.append(f"  sample grids       {out_dir / 'samples'}")
+    if wandb_dir is not None:
+        mode = results.get("wandb", {}).get("mode")
+        lines.append(f"  W&B run            {wandb_dir} ({mode})")
+        if mode == "offline":
+            lines.append(f"  upload it later:   wandb sync {wandb_dir}")
+    print("\n".join(lines), flush=True)
+
+
+def objective(results: dict, name: str | None) -> float | None:
+    if not name:
+        return None
+    value = results["metrics"].get(name)
+    return float(value) if value is not None and math.isfinite(value) else float("inf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except VaelabError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    return objective(results, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The real app, `python -m vaelab.train`, on a real Fashion-MNIST subset with tiny overrides."""
+
+import csv
+import json
+import math
+
+import wandb_files
+from conftest import TINY, run_app
+
+
+def test_train_writes_results_grids_csv_and_an_offline_wandb_run(train_run):
+    run_dir, results, proc = train_run()
+    m = results["metrics"]
+    for key in ("test/nll", "test/elbo", "test/recon", "test/kl", "test/bpd", "test/active_units", "val/loss"):
+        assert math.isfinite(m[key]), key
+    assert m["test/nll"] <= -m["test/elbo"]  # the IWAE bound is at least as tight as the ELBO
+    assert m["test/kl"] > 0 and m["test/recon"] > 0
+    assert abs(m["test/bpd"] - m["test/nll"] / (784 * math.log(2))) < 1e-4
+    assert results["epochs"] == 2 and results["model"] == "vanilla" and results["prior"] == "standard"
+    assert results["likelihood"] == "bernoulli" and results["train_time_s"] > 0
+
+    # run directory layout
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and results["best_checkpoint"].endswith(".ckpt")
+    for name in ("samples_epoch_001.png", "samples_epoch_002.png", "reconstructions_final.png"):
+        assert (run_dir / "samples" / name).stat().st_size > 1000, name
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    val_elbo = [float(r["val/elbo"]) for r in rows if r.get("val/elbo")]
+    assert len(val_elbo) == 2 and all(math.isfinite(v) for v in val_elbo)
+
+    # W&B, offline, read back from the files it wrote
+    wb = results["wandb"]
+    assert wb["mode"] == "offline" and f"wandb sync {wb['dir']}" in proc.stdout
+    history = wandb_files.history(wb["dir"])
+    train_elbo = [row["train/elbo"] for row in history if "train/elbo" in row]
+    assert len(train_elbo) == 2 and train_elbo[-1] > train_elbo[0]  # two epochs, and it learned
+    assert any("train_step/elbo" in row for row in history)
+    image_rows = [row for row in history if "images/samples/_type" in row]
+    assert image_rows and image_rows[0]["images/samples/_type"] == "images/separated"
+    from pathlib import Path
+
+    assert list((Path(wb["dir"]) / "files" / "media" / "images").glob("images/samples_*.png"))
+    config = wandb_files.config(wb["dir"])
+    assert config["model"]["latent_dim"] == 40 and "closed-form" in config["kl_estimator"]
+
+
+def test_gaussian_likelihood_on_grey_scale_with_other_sizes(train_run):
+    _, results, _ = train_run("likelihood=gaussian", "data.binarize=none", "model.latent_dim=16",
+                              "trainer.max_epochs=1", "logger=csv")
+    assert results["likelihood"] == "gaussian" and results["binarize"] == "none"
+    assert math.isfinite(results["metrics"]["test/nll"])
+    assert results["metrics"]["test/active_units"] <= 16
+
+
+def test_multirun_gives_one_run_directory_per_value(tmp_path, fashion_mnist):
+    sweep = tmp_path / "sweep"
+    proc = run_app("-m", "model.latent_dim=2,5", *TINY, "trainer.max_epochs=1", "logger=csv",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [r["metrics"]["test/active_units"] <= d for r, d in zip(results, (2, 5))] == [True, True]
+    assert [json.loads(json.dumps(r))["run_dir"] for r in results] == [str(sweep / "0"), str(sweep / "1")]
+
+
+def _one_line_error(proc, expected: str) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_bad_input_ends_with_one_clear_sentence(tmp_path, fashion_mnist):
+    base = [*TINY, "logger=csv", f"hydra.run.dir={tmp_path / 'r'}"]
+    _one_line_error(run_app(*base, "model.latent_dim=-3"), "model.latent_dim must be a positive integer, got -3")
+    _one_line_error(run_app(*base, "eval.importance_samples=0"), "eval.importance_samples must be a positive")
+    line = _one_line_error(run_app(*base, "data=mnist", f"data.root={tmp_path / 'empty'}", "data.download=false"),
+                           "MNIST was not found")
+    assert "network access" in line
+    _one_line_error(run_app(*base, "likelihood=gaussian"), "likelihood=gaussian does not fit binarised data")

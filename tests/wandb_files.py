@@ -1,0 +1,71 @@
+"""Read a W&B run's local `.wandb` log back: the records W&B itself wrote, offline, with nothing mocked.
+
+The file is W&B's LevelDB-style log: a 7-byte file header (":W&B", magic 0xBEE1, version 0), then
+32 KiB blocks of records, each with a 7-byte header (crc32c, length, type: full / first / middle / last)
+holding one serialised `wandb_internal_pb2.Record`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = Path(path).read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
+    assert ident == b":W&B" and magic == 0xBEE1 and version == 0, f"not a W&B log: {path}"
+    records, pos, pending = [], HEADER, b""
+    while pos + HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < HEADER:  # the block's tail is padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        payload = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 0 and length == 0:
+            continue
+        if kind == FULL:
+            pending = payload
+        elif kind == FIRST:
+            pending = payload
+            continue
+        elif kind == MIDDLE:
+            pending += payload
+            continue
+        elif kind == LAST:
+            pending += payload
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(pending)
+        records.append(rec)
+        pending = b""
+    return records
+
+
+def history(run_dir: Path) -> list[dict]:
+    """Every history row W&B recorded, as {key: value} dicts."""
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    rows = []
+    for rec in read_records(log):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in rec.history.item})
+    return rows
+
+
+def config(run_dir: Path) -> dict:
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    out = {}
+    for rec in read_records(log):
+        if rec.WhichOneof("record_type") == "config":
+            for item in rec.config.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
