@@ -17,6 +17,33 @@ def importance_log_weights(model, x: Tensor, k: int, points_per_pass: int = 5_00
     return torch.cat([model.log_importance_weights(x, min(chunk, k - s)) for s in range(0, k, chunk)])
 
 
+class ElboMeans(Metric):
+    """Running means of -ELBO's terms over an epoch: recon and each layer's KL, as summed states.
+    One cheap on-device update per step, one log per epoch: no per-step logging cost, right under DDP."""
+
+    full_state_update = False
+
+    def __init__(self, num_layers: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+        self.add_state("total", default=torch.zeros(1 + num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, recon: Tensor, kl_layers: Tensor) -> None:
+        """recon: [B]; kl_layers: [L, B]."""
+        self.total += torch.cat([recon.detach().sum(0, keepdim=True), kl_layers.detach().sum(1)]).double()
+        self.count += recon.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        mean = (self.total / self.count).float()
+        recon, kl_layers = mean[0], mean[1:]
+        kl = kl_layers.sum()
+        out = {"loss": recon + kl, "elbo": -(recon + kl), "recon": recon, "kl": kl}
+        if self.num_layers > 1:
+            out.update({f"kl_{i + 1}": v for i, v in enumerate(kl_layers)})
+        return out
+
+
 class ImportanceSampledNLL(Metric):
     """-log p(x) estimated by importance sampling with q(z|x) as proposal (the IWAE bound):
     log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x), tightening to log p(x) as K grows. In nats/example."""

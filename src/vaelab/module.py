@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from vaelab.errors import ConfigError, NonFiniteLossError
-from vaelab.metrics import ActiveUnits, ImportanceSampledNLL, bits_per_dim, importance_log_weights
+from vaelab.metrics import ActiveUnits, ElboMeans, ImportanceSampledNLL, bits_per_dim, importance_log_weights
 from vaelab.models.base import ElboTerms, VAEBase
 
 KL_DESCRIPTION = {
@@ -61,6 +61,8 @@ class VAEModule(L.LightningModule):
         self.run_config = run_config
         self.num_dims = math.prod(model.image_shape)
         self.test_nll = ImportanceSampledNLL()
+        layers = len(model.latent_dims)
+        self.epoch_means = nn.ModuleDict({f"{s}_": ElboMeans(layers) for s in ("train", "val", "test")})
         self.val_active = nn.ModuleList(ActiveUnits(d) for d in model.latent_dims)
         self.test_active = nn.ModuleList(ActiveUnits(d) for d in model.latent_dims)
 
@@ -74,15 +76,11 @@ class VAEModule(L.LightningModule):
         progress = self.global_step / steps_per_epoch / warm
         return b * min(1.0, progress)
 
-    def _log_terms(self, stage: str, terms: ElboTerms, **kw) -> Tensor:
-        recon, kl_layers = terms.recon.mean(), terms.kl_layers.mean(1)  # [L]
-        kl = kl_layers.sum()
-        loss = recon + kl  # -ELBO, nats per example
-        values = {f"{stage}/loss": loss, f"{stage}/elbo": -loss, f"{stage}/recon": recon, f"{stage}/kl": kl}
-        if kl_layers.numel() > 1:
-            values.update({f"{stage}/kl_{i + 1}": v for i, v in enumerate(kl_layers)})
-        self.log_dict(values, **kw)
-        return loss
+    def _log_epoch_means(self, stage: str) -> None:
+        """Log the epoch's means of -ELBO's terms as {stage}/loss, /elbo, /recon, /kl (and /kl_l per layer)."""
+        metric = self.epoch_means[f"{stage}_"]  # (ModuleDict keys may not shadow Module.train)
+        self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})
+        metric.reset()
 
     def objective(self, terms: ElboTerms, beta: float) -> Tensor:
         """What training minimises: recon + beta * sum_l max(free_bits, KL_l), batch means. With beta=1 and
@@ -100,11 +98,13 @@ class VAEModule(L.LightningModule):
         every = self.hparams.check_finite_every_n_steps
         if every and self.global_step % every == 0:
             self._check_finite(terms)
-        # train/* are epoch means (the twins of val/*); train_step/* the per-step curves.
-        self._log_terms("train", terms, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        self._log_terms("train_step", terms, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        self.log_dict({"train/beta": beta, "train_step/objective": objective}, on_step=True, on_epoch=False,
-                      batch_size=x.shape[0])
+        self.epoch_means["train_"].update(terms.recon, terms.kl_layers)
+        every_log = self.trainer.log_every_n_steps
+        if every_log and (self.global_step + 1) % every_log == 0:  # per-step curves, when Lightning writes logs
+            recon, kl = terms.recon.detach().mean(), terms.kl.detach().mean()
+            self.log_dict({"train_step/loss": recon + kl, "train_step/elbo": -(recon + kl),
+                           "train_step/recon": recon, "train_step/kl": kl, "train_step/objective": objective.detach(),
+                           "train/beta": beta}, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return objective
 
     def _check_finite(self, terms: ElboTerms) -> None:
@@ -119,18 +119,22 @@ class VAEModule(L.LightningModule):
             "saved were not touched."
         )
 
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_means("train")
+
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
         terms = self.model.elbo_terms(x)
-        self._log_terms("val", terms, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self.epoch_means["val_"].update(terms.recon, terms.kl_layers)
         for metric, means in zip(self.val_active, self.model.posterior_means(x)):
             metric.update(means)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_epoch_means("val")
         self._log_active_units("val", self.val_active)
 
     def test_step(self, x: Tensor, batch_idx: int) -> None:
         terms = self.model.elbo_terms(x)
-        self._log_terms("test", terms, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self.epoch_means["test_"].update(terms.recon, terms.kl_layers)
         for metric, means in zip(self.test_active, self.model.posterior_means(x)):
             metric.update(means)
         log_w = importance_log_weights(
@@ -139,6 +143,7 @@ class VAEModule(L.LightningModule):
         self.test_nll.update(log_w)
 
     def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
         nll = self.test_nll.compute()
         self.log_dict({"test/nll": nll, "test/bpd": bits_per_dim(nll, self.num_dims)})
         self.test_nll.reset()

@@ -25,6 +25,8 @@ from vaelab.module import KL_DESCRIPTION, VAEModule
 
 log = logging.getLogger("vaelab")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
+OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)
 
 
 def _build(cfg_node: DictConfig, **kwargs) -> Any:
