@@ -92,3 +92,18 @@ def test_nll_metric_is_the_log_mean_exp_and_merges_batches():
     metric.update(log_w[:, 1:])
     expected = -(math.log(2.0) + math.log(3.0)) / 2
     assert metric.compute().item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_monte_carlo_standard_error_predicts_the_spread_of_repeated_estimates():
+    model, exact = linear_gaussian_vae(exact_posterior=False)
+    x = _data(exact, n=50)
+    estimates, ses = [], []
+    torch.manual_seed(5)
+    for _ in range(40):
+        metric = ImportanceSampledNLL()
+        metric.update(model.log_importance_weights(x, 64))
+        estimates.append(metric.compute().item())
+        ses.append(metric.standard_error().item())
+    spread = torch.tensor(estimates).std().item()
+    predicted = sum(ses) / len(ses)
+    assert 0.6 < spread / predicted < 1.5, (spread, predicted)

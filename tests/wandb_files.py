@@ -69,3 +69,20 @@ def config(run_dir: Path) -> dict:
             for item in rec.config.update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def run_info(run_dir: Path) -> dict:
+    """The run record: id, group, job_type, tags."""
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    for rec in read_records(log):
+        if rec.WhichOneof("record_type") == "run":
+            return {"id": rec.run.run_id, "group": rec.run.run_group, "job_type": rec.run.job_type,
+                    "tags": list(rec.run.tags)}
+    raise AssertionError(f"no run record in {log}")
+
+
+def artifacts(run_dir: Path) -> list[dict]:
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    return [{"name": rec.artifact.name, "type": rec.artifact.type,
+             "files": [e.path for e in rec.artifact.manifest.contents]}
+            for rec in read_records(log) if rec.WhichOneof("record_type") == "artifact"]

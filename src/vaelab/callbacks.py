@@ -1,4 +1,5 @@
-"""Callbacks: image grids of samples and reconstructions, saved as PNGs and sent to every image logger."""
+"""Callbacks: image grids of samples, reconstructions, interpolations, traversals (and VampPrior
+pseudo-inputs), saved as PNGs and sent to every logger that takes images."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
+
+from vaelab.sampling import all_grids
 
 
 def log_image(trainer: L.Trainer, key: str, grid: Tensor, caption: str) -> None:
@@ -20,18 +23,10 @@ def log_image(trainer: L.Trainer, key: str, grid: Tensor, caption: str) -> None:
             logger.experiment.add_image(key, grid, trainer.global_step)
 
 
-def reconstruction_grid(originals: Tensor, recons: Tensor, nrow: int = 8) -> Tensor:
-    """Rows of originals, each followed by the row of their reconstructions."""
-    rows = []
-    for i in range(0, originals.shape[0], nrow):
-        rows += [originals[i : i + nrow], recons[i : i + nrow]]
-    return make_grid(torch.cat(rows), nrow=nrow, padding=2, pad_value=0.5)
-
-
 class ImageGrids(L.Callback):
-    """Every `every_n_epochs` validation epochs (and after the last), a grid of prior samples and one of
-    reconstructions of a fixed validation batch, originals above them. The prior samples use a fixed seed,
-    so grids from different epochs show the same latent draws."""
+    """Every `every_n_epochs` validation epochs (and once when training ends), the grids of
+    vaelab.sampling.all_grids on a fixed validation batch. A fixed seed makes grids from different epochs
+    show the same latent draws."""
 
     def __init__(self, save_dir: str, every_n_epochs: int = 1, num_samples: int = 64,
                  num_reconstructions: int = 32, seed: int = 0) -> None:
@@ -57,20 +52,12 @@ class ImageGrids(L.Callback):
         model = pl_module.model
         was_training = model.training
         model.eval()
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
-            samples = model.sample(self.num_samples).float().cpu()
             x = trainer.datamodule.example_batch(self.num_reconstructions).to(pl_module.device)
-            recons = model.reconstruct(x).float().cpu()
+            grids = all_grids(model, x, self.num_samples)
         model.train(was_training)
-        grids = {
-            "samples": make_grid(samples, nrow=8, padding=2, pad_value=0.5),
-            "reconstructions": reconstruction_grid(x.float().cpu(), recons),
-        }
-        prior = getattr(model, "prior", None)
-        if prior is not None and hasattr(prior, "pseudo_inputs"):
-            u = prior.pseudo_inputs.detach()[: self.num_samples].float().cpu()
-            grids["pseudo_inputs"] = make_grid(u, nrow=8, padding=2, pad_value=0.5)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, grid in grids.items():

@@ -65,11 +65,33 @@ def wandb_logger(
     """Lightning's WandbLogger, writing under the run directory, in the mode `resolve_wandb_mode` picks."""
     resolved = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         save_dir=save_dir, project=project, group=group, name=name, tags=list(tags or []), job_type=job_type,
-        notes=notes, offline=resolved == "offline", mode=resolved, log_model=log_model, id=run_id,
-        resume="allow" if run_id else None,
+        notes=notes, offline=resolved == "offline", mode=resolved, id=run_id, resume="allow" if run_id else None,
+        # Lightning uploads checkpoints only online; offline, vaelab logs them itself at the end of the run
+        log_model=log_model if resolved == "online" else False,
     )
+    logger.vaelab_log_model_offline = bool(log_model) and resolved == "offline"
+    return logger
+
+
+def log_checkpoints_offline(logger: WandbLogger, checkpoint_callback) -> None:
+    """Offline runs with log_model: the best and last checkpoints as one W&B model artifact, stored in the
+    offline run and uploaded by `wandb sync` (Lightning itself refuses log_model when offline)."""
+    import wandb
+
+    if not getattr(logger, "vaelab_log_model_offline", False) or checkpoint_callback is None:
+        return
+    paths = {p for p in (checkpoint_callback.best_model_path, checkpoint_callback.last_model_path) if p}
+    if not paths:
+        return
+    score = checkpoint_callback.best_model_score
+    artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model",
+                              metadata={"monitor": checkpoint_callback.monitor,
+                                        "best_score": float(score) if score is not None else None})
+    for path in sorted(paths):
+        artifact.add_file(path, name=Path(path).name)
+    logger.experiment.log_artifact(artifact, aliases=["latest", "best"])
 
 
 def wandb_run_dir(logger: WandbLogger) -> Path | None:

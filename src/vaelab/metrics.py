@@ -46,7 +46,11 @@ class ElboMeans(Metric):
 
 class ImportanceSampledNLL(Metric):
     """-log p(x) estimated by importance sampling with q(z|x) as proposal (the IWAE bound):
-    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x), tightening to log p(x) as K grows. In nats/example."""
+    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x), tightening to log p(x) as K grows. In nats/example.
+
+    Also keeps the Monte Carlo variance of each image's estimate (delta method:
+    Var[log mean w] ~ Var[w] / (K mean(w)^2)), so `standard_error()` says how far another run with other
+    samples may land: the error of the mean NLL from sampling, not from the choice of images."""
 
     full_state_update = False
     higher_is_better = False
@@ -54,17 +58,26 @@ class ImportanceSampledNLL(Metric):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("mc_var_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, log_weights: Tensor) -> None:
         """log_weights: [K, B] for B examples."""
-        k = log_weights.shape[0]
-        log_px = torch.logsumexp(log_weights.double(), dim=0) - math.log(k)  # [B]
+        log_w = log_weights.double()
+        k = log_w.shape[0]
+        log_px = torch.logsumexp(log_w, dim=0) - math.log(k)  # [B]
         self.nll_sum += -log_px.sum()
+        if k > 1:
+            w = torch.exp(log_w - log_w.max(0).values)  # scaled weights, the largest 1: [K, B]
+            self.mc_var_sum += (w.var(0) / (k * w.mean(0).pow(2))).sum()
         self.count += log_px.numel()
 
     def compute(self) -> Tensor:
         return (self.nll_sum / self.count).float()
+
+    def standard_error(self) -> Tensor:
+        """Monte Carlo standard error of compute(), in nats."""
+        return (self.mc_var_sum.sqrt() / self.count).float()
 
 
 class ActiveUnits(Metric):

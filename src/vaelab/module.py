@@ -145,7 +145,8 @@ class VAEModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_means("test")
         nll = self.test_nll.compute()
-        self.log_dict({"test/nll": nll, "test/bpd": bits_per_dim(nll, self.num_dims)})
+        self.log_dict({"test/nll": nll, "test/nll_mc_se": self.test_nll.standard_error(),
+                       "test/bpd": bits_per_dim(nll, self.num_dims)})
         self.test_nll.reset()
         self._log_active_units("test", self.test_active)
 

@@ -14,30 +14,18 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.loggers import wandb_run_dir
+from vaelab.loggers import log_checkpoints_offline, wandb_run_dir
 from vaelab.module import KL_DESCRIPTION, VAEModule
+from vaelab.runs import build, build_model
 
 log = logging.getLogger("vaelab")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
 OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)
-
-
-def _build(cfg_node: DictConfig, **kwargs) -> Any:
-    """hydra.utils.instantiate, with our own errors unwrapped so people see the sentence, not the wrapper."""
-    try:
-        return instantiate(cfg_node, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, VaelabError):
-            raise cause from None
-        raise
 
 
 def check_consistency(cfg: DictConfig, datamodule) -> None:
@@ -52,24 +40,13 @@ def check_consistency(cfg: DictConfig, datamodule) -> None:
         raise ConfigError("likelihood=bernoulli does not fit colour images (data=cifar10); use likelihood=gaussian")
 
 
-def _spec(node: DictConfig) -> DictConfig:
-    """A model-part config without its `name`, which labels runs and is no constructor argument."""
-    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"})
-
-
-def build_model(cfg: DictConfig, image_shape) -> torch.nn.Module:
-    likelihood = _build(_spec(cfg.likelihood))
-    prior = _build(_spec(cfg.prior))  # a partial: the model builds it with its own latent size and encoder
-    return _build(_spec(cfg.model), image_shape=image_shape, likelihood=likelihood, prior=prior)
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return its results (also written to results.json)."""
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
 
-    datamodule = _build(cfg.data)
+    datamodule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     check_consistency(cfg, datamodule)
@@ -79,14 +56,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = VAEModule(model, run_config=run_config, **cfg.loss, **cfg.optim, **cfg.eval)
 
-    callbacks = [_build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [_build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             lg.log_hyperparams(run_config)
             lg.experiment.config.update(
                 {"kl_estimator": KL_DESCRIPTION[model.prior.analytic_kl]}, allow_val_change=True)
-    trainer: L.Trainer = _build(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -127,6 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     wandb_dir = None
     for lg in loggers:
         if isinstance(lg, WandbLogger):
+            log_checkpoints_offline(lg, trainer.checkpoint_callback)
             wandb_dir = wandb_run_dir(lg)
             results["wandb"] = {"id": lg.experiment.id, "mode": lg.experiment.settings.mode,
                                 "dir": str(wandb_dir) if wandb_dir else None}
@@ -169,6 +147,13 @@ def objective(results: dict, name: str | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else float("inf")
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -176,8 +161,20 @@ def main(cfg: DictConfig) -> float | None:
     except VaelabError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _finish_wandb_if_running()
+        if not _in_sweep():
+            sys.exit(1)
+        # In a sweep one bad configuration must not end the others: record it, give sweepers the worst value.
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"status": "failed", "error": str(exc), "metrics": {}}))
+        return float("inf")
     return objective(results, cfg.get("optimized_metric"))
+
+
+def _finish_wandb_if_running() -> None:
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish(exit_code=1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ VAE they hold: elbo_terms, log_importance_weights, sample, reconstruct, posterio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,6 +55,7 @@ class VAEBase(nn.Module):
         if len(image_shape) != 3:
             raise ConfigError(f"images must be [C, H, W], got shape {tuple(image_shape)}")
         self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_pixels = math.prod(self.image_shape)
         self.likelihood = likelihood if likelihood is not None else Bernoulli()
         self._prior_factory = prior if prior is not None else StandardNormal
 

@@ -56,7 +56,8 @@ class VAE(VAEBase):
     def sample_latents(self, n: int) -> Tensor:
         return self.prior.sample(n)
 
-    def decode_mean(self, z: Tensor) -> Tensor:
+    def decode_mean(self, z: Tensor | list[Tensor]) -> Tensor:
+        z = z[0] if isinstance(z, (list, tuple)) else z
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()

@@ -1,0 +1,250 @@
+"""vaelab-report <outputs or multirun dir>: compare finished runs.
+
+Reads every run directory below the given one (`.hydra/config.yaml`, `results.json`, `metrics.csv`) and
+writes into it: report.md and report.csv (one row per configuration, mean +/- std over seeds), runs.csv
+(one row per run, failed ones included), curves.png (validation ELBO, reconstruction and KL for all runs on
+shared axes) and samples.png (each configuration's prior samples side by side). `--wandb` logs the same
+table and figures to W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+COLUMNS = [  # (results key, table header)
+    ("test/nll", "test NLL"), ("test/elbo", "test ELBO"), ("test/recon", "recon"), ("test/kl", "KL"),
+    ("test/active_units", "active units"), ("test/bpd", "bits/dim"),
+]
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    seed: int | None
+    status: str
+    results: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def metrics(self) -> dict:
+        return self.results.get("metrics", {})
+
+
+def _base_label(cfg) -> str:
+    return f"{cfg.model.get('name', '?')}+{cfg.prior.get('name', '?')} ({cfg.likelihood.get('name', '?')})"
+
+
+def _extra_overrides(overrides: list[str]) -> list[str]:
+    """Overrides other than seeds and the groups the label already names."""
+    named = {"model", "prior", "likelihood", "seed", "experiment"}
+    return [o for o in overrides if o.split("=")[0].lstrip("+~") not in named and not o.startswith("hydra.")]
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run directory below root. A configuration's label is model+prior (likelihood) plus the
+    overrides that differ between runs; seeds never split a configuration."""
+    runs, extras = [], []
+    for hydra_dir in sorted(root.rglob(".hydra")):
+        run_dir = hydra_dir.parent
+        cfg_file = hydra_dir / "config.yaml"
+        if not cfg_file.is_file():
+            continue
+        cfg = OmegaConf.load(cfg_file)
+        overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
+        results_file = run_dir / "results.json"
+        results, status, error = {}, "failed", "no results.json: the run crashed or is still running"
+        if results_file.is_file():
+            try:
+                results = json.loads(results_file.read_text())
+                status, error = results.get("status", "finished"), results.get("error")
+            except json.JSONDecodeError:
+                error = "results.json is not valid JSON"
+        extras.append(_extra_overrides([str(o) for o in overrides]))
+        runs.append(Run(run_dir, _base_label(cfg), cfg.get("seed"), status, results, error))
+    common = set.intersection(*map(set, extras)) if extras else set()
+    for run, extra in zip(runs, extras):
+        run.label = " ".join([run.label, *(o for o in extra if o not in common)])
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[Run]) -> list[dict]:
+    """One row per configuration: mean and std over its finished runs (seeds)."""
+    rows = []
+    for label in dict.fromkeys(r.label for r in runs):
+        group = [r for r in runs if r.label == label]
+        done = [r for r in group if r.status == "finished"]
+        row = {"configuration": label, "runs": len(group), "finished": len(done)}
+        for key, _ in COLUMNS:
+            row[key], row[key + " std"] = _mean_std([r.metrics[key] for r in done if key in r.metrics])
+        row["parameters"] = done[0].results.get("num_parameters") if done else None
+        row["train time s"], _ = _mean_std([r.results["train_time_s"] for r in done if "train_time_s" in r.results])
+        row["epochs"] = done[0].results.get("epochs") if done else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def markdown(rows: list[dict], runs: list[Run]) -> str:
+    head = ["configuration", "seeds"] + [h for _, h in COLUMNS] + ["parameters", "epochs", "train time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(rows, key=lambda r: (math.isnan(r["test/nll"]), r["test/nll"])):
+        cells = [row["configuration"], f"{row['finished']}/{row['runs']}"]
+        cells += [_fmt(row[k], row[k + " std"], row["finished"]) for k, _ in COLUMNS]
+        cells += [f"{row['parameters']:,}" if row["parameters"] else "-", str(row["epochs"] or "-"),
+                  "-" if math.isnan(row["train time s"]) else f"{row['train time s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in runs if r.status != "finished"]
+    text = "\n".join(lines)
+    if failed:
+        text += "\n\nFailed runs:\n" + "\n".join(f"- `{r.path}` ({r.label}, seed {r.seed}): {r.error}" for r in failed)
+    return text + "\n"
+
+
+def write_tables(root: Path, rows: list[dict], runs: list[Run]) -> dict[str, Path]:
+    paths = {"report.md": root / "report.md", "report.csv": root / "report.csv", "runs.csv": root / "runs.csv"}
+    paths["report.md"].write_text(
+        f"# vaelab report: {root}\n\nTest metrics in nats per image (bits/dim aside); mean ± std over seeds.\n\n"
+        + markdown(rows, runs))
+    with open(paths["report.csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(paths["runs.csv"], "w", newline="") as f:
+        fields = ["run_dir", "configuration", "seed", "status", "error"] + [k for k, _ in COLUMNS] + [
+            "num_parameters", "epochs", "train_time_s"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in runs:
+            writer.writerow({"run_dir": str(r.path), "configuration": r.label, "seed": r.seed, "status": r.status,
+                             "error": r.error or "", **{k: r.metrics.get(k, "") for k, _ in COLUMNS},
+                             **{k: r.results.get(k, "") for k in ("num_parameters", "epochs", "train_time_s")}})
+    return paths
+
+
+def _val_curves(run: Run) -> dict[str, list[tuple[int, float]]]:
+    file = run.path / "metrics.csv"
+    curves: dict[str, list[tuple[int, float]]] = {"val/elbo": [], "val/recon": [], "val/kl": []}
+    if not file.is_file():
+        return curves
+    for row in csv.DictReader(open(file)):
+        for key in curves:
+            if row.get(key):
+                curves[key].append((int(row["epoch"]) + 1, float(row[key])))
+    return curves
+
+
+def plot_curves(root: Path, runs: list[Run]) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
+    titles = {"val/elbo": "validation ELBO (nats)", "val/recon": "validation reconstruction (nats)",
+              "val/kl": "validation KL (nats)"}
+    for run in runs:
+        curves = _val_curves(run)
+        name = run.label + (f" s{run.seed}" if run.seed is not None else "") + ("" if run.status == "finished" else " (failed)")
+        for ax, (key, points) in zip(axes, curves.items()):
+            if points:
+                ax.plot(*zip(*points), label=name, linestyle="-" if run.status == "finished" else ":")
+    for ax, key in zip(axes, titles):
+        ax.set_title(titles[key])
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    elbo = [v for r in runs for _, v in _val_curves(r)["val/elbo"]]
+    if len(elbo) > 4:  # the first epochs' ELBO dwarfs the differences that matter: zoom on the later ones
+        lo, hi = sorted(elbo)[0], sorted(elbo)[-1]
+        axes[0].set_ylim(max(lo, hi - 4 * (statistics.median(elbo) - lo + 1e-9) - 1), hi + 1)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = root / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(root: Path, runs: list[Run]) -> Path:
+    """One prior-sample grid per configuration (its first finished seed), side by side."""
+    chosen = {}
+    for run in runs:
+        grid = run.path / "samples" / "samples_final.png"
+        if run.status == "finished" and grid.is_file() and run.label not in chosen:
+            chosen[run.label] = grid
+    n = max(1, len(chosen))
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 4.0), squeeze=False)
+    for ax, (label, grid) in zip(axes[0], chosen.items()):
+        ax.imshow(plt.imread(grid), cmap="gray")
+        ax.set_title(label, fontsize=9)
+    for ax in axes[0]:
+        ax.axis("off")
+    fig.suptitle("prior samples")
+    fig.tight_layout()
+    path = root / "samples.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(root: Path, rows: list[dict], figures: list[Path], project: str) -> None:
+    import wandb
+
+    from vaelab.loggers import resolve_wandb_mode
+
+    run = wandb.init(project=project, job_type="report", name=f"report-{root.name}", group=root.name,
+                     dir=str(root), mode=resolve_wandb_mode("auto"))
+    table = wandb.Table(columns=list(rows[0]), data=[[row[c] for c in rows[0]] for row in rows])
+    run.log({"report/table": table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    run.finish()
+
+
+def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab") -> dict[str, Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"error: {root} is not a directory; pass an outputs/ or multirun directory.")
+    runs = find_runs(root)
+    if not runs:
+        raise SystemExit(f"error: no runs under {root} (no .hydra/config.yaml found); pass the directory "
+                         "vaelab-train wrote, e.g. outputs/multirun/<date>.")
+    rows = summarise(runs)
+    paths = write_tables(root, rows, runs)
+    paths["curves.png"] = plot_curves(root, runs)
+    paths["samples.png"] = plot_samples(root, runs)
+    if use_wandb:
+        log_to_wandb(root, rows, [paths["curves.png"], paths["samples.png"]], project)
+    print(paths["report.md"].read_text())
+    print("\n".join(f"  {name:<12} {p}" for name, p in paths.items()))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vaelab-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", help="an outputs/ or multirun directory holding finished runs")
+    parser.add_argument("--wandb", action="store_true", help="also log the table and figures to W&B")
+    parser.add_argument("--project", default="vaelab", help="W&B project for --wandb")
+    args = parser.parse_args(argv)
+    report(args.directory, args.wandb, args.project)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,49 @@
+"""vaelab-sample ckpt_path=...: prior samples, reconstructions, latent interpolations and traversals (and a
+VampPrior's pseudo-inputs) of any checkpoint, as PNG grids."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torchvision.utils import save_image
+
+from vaelab.errors import VaelabError
+from vaelab.evaluate import pick_device
+from vaelab.runs import restore
+from vaelab.sampling import all_grids
+from vaelab.train import CONF_DIR
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    torch.manual_seed(cfg.seed)
+    _, datamodule, model = restore(cfg.ckpt_path, {"root": cfg.data_root})
+    device = pick_device(cfg.device)
+    model = model.to(device)
+    x = datamodule.test_set.__getitems__(list(range(cfg.num_reconstructions))).to(device)
+    grids = all_grids(model, x, num_samples=cfg.num_samples, steps=cfg.steps)
+    ckpt = Path(cfg.ckpt_path)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else ckpt.parent.parent / "samples" / ckpt.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, grid in grids.items():
+        paths[name] = out_dir / f"{name}.png"
+        save_image(grid, paths[name])
+        print(f"  {name:<16} {paths[name]}")
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except VaelabError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

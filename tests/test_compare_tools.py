@@ -1,0 +1,119 @@
+"""The comparison workflow on real data: a tiny `experiment=compare` sweep, then vaelab-report,
+vaelab-eval and vaelab-sample on what it wrote."""
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import wandb_files
+from conftest import TINY, run_app
+
+from vaelab.checkpoints import load_weights
+from vaelab.errors import CheckpointError
+from vaelab.models import VAE, HierarchicalVAE
+
+# prior.num_components cannot be overridden for the standard prior, so the VampPrior keeps K=500 here
+SWEEP = [*TINY, "trainer.max_epochs=1", "data.subset=300", "model.hidden_dim=64", "logger.wandb.log_model=true"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, fashion_mnist):
+    root = tmp_path_factory.mktemp("compare") / "sweep"
+    proc = run_app("-m", "experiment=compare", *SWEEP, f"hydra.sweep.dir={root}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def _results(root):
+    return {d.name: json.loads((d / "results.json").read_text()) for d in sorted(root.iterdir())
+            if (d / "results.json").is_file()}
+
+
+def test_compare_runs_four_models_grouped_and_tagged_in_wandb(sweep):
+    results = _results(sweep)
+    assert sorted((r["model"], r["prior"]) for r in results.values()) == [
+        ("deep", "standard"), ("deep", "vamp"), ("vanilla", "standard"), ("vanilla", "vamp")]
+    infos = [wandb_files.run_info(r["wandb"]["dir"]) for r in results.values()]
+    assert len({i["group"] for i in infos}) == 1 and infos[0]["group"] == f"compare-{sweep.name}"
+    assert {i["job_type"] for i in infos} == {"compare"}
+    assert len({i["id"] for i in infos}) == 4  # one W&B run per job, each ended before the next
+    for info, r in zip(infos, results.values()):
+        assert {r["model"], f"prior:{r['prior']}", "lik:bernoulli"} <= set(info["tags"])
+    # log_model offline: the checkpoints are in the offline run as a model artifact, for `wandb sync`
+    arts = wandb_files.artifacts(next(iter(results.values()))["wandb"]["dir"])
+    assert arts and arts[0]["type"] == "model" and any(f.endswith(".ckpt") for f in arts[0]["files"])
+
+
+def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
+    root = tmp_path / "partial"
+    shutil.copytree(sweep, root)
+    (root / "3" / "results.json").unlink()  # a crashed run leaves no results.json
+    proc = run_app(str(root), module="vaelab.report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(root)
+    rows = list(csv.DictReader(open(root / "runs.csv")))
+    assert len(rows) == 4
+    by_dir = {r["run_dir"].rsplit("/", 1)[-1]: r for r in rows}
+    assert by_dir["3"]["status"] == "failed" and "no results.json" in by_dir["3"]["error"]
+    for name, res in results.items():
+        row = by_dir[name]
+        assert row["status"] == "finished"
+        for key in ("test/nll", "test/elbo", "test/kl", "test/active_units"):
+            assert float(row[key]) == pytest.approx(res["metrics"][key], rel=1e-9)
+    per_config = list(csv.DictReader(open(root / "report.csv")))
+    assert len(per_config) == 4 and sum(int(r["finished"]) for r in per_config) == 3
+    md = (root / "report.md").read_text()
+    assert "Failed runs:" in md and "| configuration |" in md
+    for name in ("curves.png", "samples.png"):
+        assert (root / name).stat().st_size > 10_000
+
+
+def test_eval_reproduces_the_runs_test_nll_within_monte_carlo_error(sweep, tmp_path):
+    res = _results(sweep)["0"]
+    out = tmp_path / "eval.json"
+    proc = run_app(f"ckpt_path={res['best_checkpoint']}", "importance_samples=32", f"output={out}", "seed=7",
+                   module="vaelab.evaluate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads(out.read_text())
+    assert ev["num_images"] == 300 and ev["importance_samples"] == 32
+    m, t = ev["metrics"], res["metrics"]
+    se = math.hypot(m["test/nll_mc_se"], t["test/nll_mc_se"])
+    assert abs(m["test/nll"] - t["test/nll"]) < 4 * se + 1e-3, (m["test/nll"], t["test/nll"], se)
+    assert m["test/active_units"] == t["test/active_units"]  # deterministic given the weights
+    assert abs(m["test/elbo"] - t["test/elbo"]) < 2.0  # a one-sample estimate, so only close
+
+
+def test_sample_writes_every_grid(sweep, tmp_path):
+    res = _results(sweep)["1"]  # vanilla + VampPrior
+    proc = run_app(f"ckpt_path={res['best_checkpoint']}", f"output_dir={tmp_path}", "num_samples=16",
+                   module="vaelab.sample")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("samples", "reconstructions", "interpolations", "traversals", "pseudo_inputs"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_broken_and_foreign_checkpoints_fail_clearly(sweep, tmp_path):
+    res = _results(sweep)["0"]
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(open(res["best_checkpoint"], "rb").read()[:5000])
+    proc = run_app(f"ckpt_path={broken}", module="vaelab.evaluate")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {broken} is not a readable checkpoint")
+    vanilla, deep = VAE((1, 28, 28), hidden_dim=16), HierarchicalVAE((1, 28, 28), hidden_dim=16)
+    before = vanilla.state_dict()["encoder.head.mu.weight"].clone()
+    with pytest.raises(CheckpointError, match="is from another model"):
+        load_weights(vanilla, deep.state_dict(), "deep.ckpt")
+    torch.testing.assert_close(vanilla.state_dict()["encoder.head.mu.weight"], before)  # nothing half-loaded
+
+
+def test_a_bad_configuration_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path, fashion_mnist):
+    root = tmp_path / "sweep"
+    proc = run_app("-m", "model.latent_dim=3,-1", *TINY, "trainer.max_epochs=1", "logger=csv",
+                   f"hydra.sweep.dir={root}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok, bad = (json.loads((root / str(i) / "results.json").read_text()) for i in (0, 1))
+    assert ok["status"] == "finished" and bad["status"] == "failed"
+    assert "model.latent_dim must be a positive integer, got -1" in bad["error"]
