@@ -81,8 +81,8 @@ def train_in_process(tmp_path, fashion_mnist, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
     def _run(*overrides: str):
-        out = tmp_path / "run"
-        cfg = compose(*TINY, f"paths.output_dir={out}", f"data.root={fashion_mnist}", *overrides)
+        cfg = compose(*TINY, f"paths.output_dir={tmp_path / 'run'}", f"data.root={fashion_mnist}", *overrides)
+        out = Path(cfg.paths.output_dir)
         from vaelab.train import train
 
         results = train(cfg)

@@ -51,8 +51,12 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
     root = tmp_path / "partial"
     shutil.copytree(sweep, root)
     (root / "3" / "results.json").unlink()  # a crashed run leaves no results.json
-    proc = run_app(str(root), module="vaelab.report")
+    proc = run_app(str(root), "--wandb", module="vaelab.report")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (report_run,) = (root / "wandb").glob("offline-run-*")
+    assert wandb_files.run_info(report_run)["job_type"] == "report"
+    logged = {k for row in wandb_files.history(report_run) for k in row}
+    assert {"report/table/_type", "report/curves/_type", "report/samples/_type"} <= logged
     results = _results(root)
     rows = list(csv.DictReader(open(root / "runs.csv")))
     assert len(rows) == 4

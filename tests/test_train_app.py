@@ -78,3 +78,13 @@ def test_bad_input_ends_with_one_clear_sentence(tmp_path, fashion_mnist):
                            "MNIST was not found")
     assert "network access" in line
     _one_line_error(run_app(*base, "likelihood=gaussian"), "likelihood=gaussian does not fit binarised data")
+
+
+def test_the_same_seed_gives_the_same_run(train_in_process, tmp_path):
+    overrides = ["logger=csv", "trainer.max_epochs=1", "data.subset=200", "trainer.deterministic=true"]
+    _, first = train_in_process(*overrides, f"paths.output_dir={tmp_path / 'a'}")
+    _, second = train_in_process(*overrides, f"paths.output_dir={tmp_path / 'b'}")
+    _, other = train_in_process(*overrides, "seed=99", f"paths.output_dir={tmp_path / 'c'}")
+    keys = ["test/nll", "test/elbo", "val/loss", "train/loss"]
+    assert [first["metrics"][k] for k in keys] == [second["metrics"][k] for k in keys]
+    assert first["metrics"]["test/nll"] != other["metrics"]["test/nll"]
