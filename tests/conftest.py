@@ -39,7 +39,8 @@ def fashion_mnist() -> Path:
 
 def app_env() -> dict:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0",
-               PYTHONUNBUFFERED="1", VAELAB_DATA_DIR=str(DATA_DIR))
+               PYTHONUNBUFFERED="1", VAELAB_DATA_DIR=str(DATA_DIR),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
     env.pop("WANDB_API_KEY", None)
     return env
 

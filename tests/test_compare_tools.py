@@ -75,19 +75,24 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
         assert (root / name).stat().st_size > 10_000
 
 
-def test_eval_reproduces_the_runs_test_nll_within_monte_carlo_error(sweep, tmp_path):
+def test_eval_reproduces_the_runs_test_nll(sweep, tmp_path):
     res = _results(sweep)["0"]
-    out = tmp_path / "eval.json"
-    proc = run_app(f"ckpt_path={res['best_checkpoint']}", "importance_samples=32", f"output={out}", "seed=7",
-                   module="vaelab.evaluate")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ev = json.loads(out.read_text())
-    assert ev["num_images"] == 300 and ev["importance_samples"] == 32
-    m, t = ev["metrics"], res["metrics"]
+    evals = {}
+    for seed in (0, 7):  # importance_seed 0 is what training used; 7 draws other samples
+        out = tmp_path / f"eval{seed}.json"
+        proc = run_app(f"ckpt_path={res['best_checkpoint']}", "importance_samples=32", f"output={out}",
+                       f"importance_seed={seed}", "batch_size=77", module="vaelab.evaluate")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evals[seed] = json.loads(out.read_text())
+    assert evals[0]["num_images"] == 300 and evals[0]["importance_samples"] == 32
+    t = res["metrics"]
+    # the same importance samples per image (common random numbers), in other batches: the same estimate
+    assert evals[0]["metrics"]["test/nll"] == pytest.approx(t["test/nll"], rel=1e-5)
+    # other samples: a different estimate, within its Monte Carlo error
+    m = evals[7]["metrics"]
     se = math.hypot(m["test/nll_mc_se"], t["test/nll_mc_se"])
-    assert abs(m["test/nll"] - t["test/nll"]) < 4 * se + 1e-3, (m["test/nll"], t["test/nll"], se)
+    assert m["test/nll"] != t["test/nll"] and abs(m["test/nll"] - t["test/nll"]) < 4 * se
     assert m["test/active_units"] == t["test/active_units"]  # deterministic given the weights
-    assert abs(m["test/elbo"] - t["test/elbo"]) < 2.0  # a one-sample estimate, so only close
 
 
 def test_sample_writes_every_grid(sweep, tmp_path):
@@ -120,4 +125,4 @@ def test_a_bad_configuration_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok, bad = (json.loads((root / str(i) / "results.json").read_text()) for i in (0, 1))
     assert ok["status"] == "finished" and bad["status"] == "failed"
-    assert "model.latent_dim must be a positive integer, got -1" in bad["error"]
+    assert "model.latent_dim must be greater than 0, got -1" in bad["error"]

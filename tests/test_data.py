@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaelab.data import SOURCES, ImageDataModule, load_images
+from vaelab.data import SOURCES, ImageDataModule, InMemoryLoader, load_images
 from vaelab.errors import ConfigError, DataError
 
 
@@ -32,14 +32,34 @@ def test_splits_binarisation_and_batches(fashion_mnist):
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (64, 1, 28, 28) and batch.dtype == torch.float32
     assert set(batch.unique().tolist()) == {0.0, 1.0}
-    # dynamic: a fresh Bernoulli draw for the same images every time
-    a, b = dm.train_set.__getitems__([0, 1, 2]), dm.train_set.__getitems__([0, 1, 2])
-    assert not torch.equal(a, b)
+    # dynamic: a fresh Bernoulli draw for every epoch, reproducible from (seed, epoch, batch)
+    epoch = {"e": 0}
+    loader = InMemoryLoader(dm.train_set, 64, shuffle=True, dynamic_binarize=True, seed=3, epoch_fn=lambda: epoch["e"])
+    first = [b for _, b in zip(range(3), loader)]
+    again = [b for _, b in zip(range(3), loader)]
+    epoch["e"] = 1
+    other = next(iter(loader))
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and not torch.equal(first[0], other)
     # evaluation sets are drawn once, with a fixed seed: the same in a second data module
     dm2 = ImageDataModule(root=str(fashion_mnist), binarize="dynamic")
     dm2.setup()
     assert torch.equal(dm.test_set.images[:100], dm2.test_set.images[:100])
     assert torch.equal(dm.val_set.images, dm2.val_set.images)
+    x, index = next(iter(dm.test_dataloader()))
+    assert index.tolist() == list(range(500)) and torch.equal(x, dm.test_set.images[:500])
+
+
+def test_loader_resumes_mid_epoch_and_shards_without_overlap(fashion_mnist):
+    dm = ImageDataModule(root=str(fashion_mnist), subset=1000, batch_size=100)
+    dm.setup()
+    full = list(InMemoryLoader(dm.train_set, 100, shuffle=True, dynamic_binarize=True, seed=1))
+    resumed = InMemoryLoader(dm.train_set, 100, shuffle=True, dynamic_binarize=True, seed=1)
+    resumed.load_state_dict({"epoch": 0, "position": 4})
+    rest = list(resumed)
+    assert len(rest) == 6 and all(torch.equal(a, b) for a, b in zip(full[4:], rest))
+    shards = [InMemoryLoader(dm.test_set, 64, with_index=True, rank=r, world_size=3) for r in range(3)]
+    seen = torch.cat([idx for loader in shards for _, idx in loader])
+    assert sorted(seen.tolist()) == list(range(1000))  # every test image once: no padding, no overlap
 
 
 def test_grey_scale_and_subset(fashion_mnist):

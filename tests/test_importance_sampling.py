@@ -107,3 +107,20 @@ def test_monte_carlo_standard_error_predicts_the_spread_of_repeated_estimates():
     spread = torch.tensor(estimates).std().item()
     predicted = sum(ses) / len(ses)
     assert 0.6 < spread / predicted < 1.5, (spread, predicted)
+
+
+def test_common_random_numbers_make_estimates_independent_of_batching_and_chunking():
+    from vaelab.metrics import counter_normal
+
+    model, exact = linear_gaussian_vae(exact_posterior=False)
+    x = _data(exact, n=12)
+    index = torch.arange(100, 112)
+    whole = importance_log_weights(model, x, 40, points_per_pass=10_000, index=index, seed=3)
+    parts = torch.cat([importance_log_weights(model, x[i:i + 5], 40, points_per_pass=35, index=index[i:i + 5], seed=3)
+                       for i in range(0, 12, 5)], dim=1)
+    torch.testing.assert_close(whole, parts)
+    other = importance_log_weights(model, x, 40, index=index, seed=4)
+    assert not torch.allclose(whole, other)
+    eps = counter_normal(0, torch.arange(2000), 0, 50, 8).flatten().double()
+    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 800k draws: N(0, 1) to within noise
+    assert abs(torch.corrcoef(torch.stack([eps[:-1], eps[1:]]))[0, 1]) < 0.01  # neighbours uncorrelated

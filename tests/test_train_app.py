@@ -72,8 +72,8 @@ def _one_line_error(proc, expected: str) -> str:
 
 def test_bad_input_ends_with_one_clear_sentence(tmp_path, fashion_mnist):
     base = [*TINY, "logger=csv", f"hydra.run.dir={tmp_path / 'r'}"]
-    _one_line_error(run_app(*base, "model.latent_dim=-3"), "model.latent_dim must be a positive integer, got -3")
-    _one_line_error(run_app(*base, "eval.importance_samples=0"), "eval.importance_samples must be a positive")
+    _one_line_error(run_app(*base, "model.latent_dim=-3"), "model.latent_dim must be greater than 0, got -3")
+    _one_line_error(run_app(*base, "eval.importance_samples=0"), "eval.importance_samples must be greater than 0")
     line = _one_line_error(run_app(*base, "data=mnist", f"data.root={tmp_path / 'empty'}", "data.download=false"),
                            "MNIST was not found")
     assert "network access" in line

@@ -65,3 +65,67 @@ class ImageGrids(L.Callback):
             save_image(grid, paths[name])
             log_image(trainer, f"images/{name}", grid, f"{name}, {tag}, step {trainer.global_step}")
         return paths
+
+
+class Preemption(L.Callback):
+    """On SIGTERM or SIGUSR1 (what SLURM sends before it stops a job): finish the current batch, save
+    checkpoints/last.ckpt (weights, optimiser, loop position, data order, RNG) and stop. `resume=auto` with
+    the same command then continues exactly where the run stopped."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            signum = getattr(signal, name)
+            previous = signal.getsignal(signum)
+            self._previous[signum] = previous
+
+            def handler(num, frame, name=name, previous=previous):
+                self.signal_name = name
+                if callable(previous) and name == "SIGTERM":
+                    previous(num, frame)  # Lightning's own SIGTERM handling (stops all DDP ranks)
+
+            signal.signal(signum, handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.signal_name is not None or trainer.received_sigterm
+        if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
+            flag = torch.tensor([1.0 if stop else 0.0], device=pl_module.device)
+            stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+        if not stop:
+            return
+        self.signal_name = self.signal_name or "SIGTERM"
+        trainer.save_checkpoint(self.path)
+        raise Preempted(self.signal_name, trainer.current_epoch, trainer.global_step, self.path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption checkpoint is saved: ends the run cleanly (exit status 0)."""
+
+    def __init__(self, signal_name: str, epoch: int, step: int, path: Path) -> None:
+        super().__init__(0)
+        self.signal_name, self.epoch, self.step, self.path = signal_name, epoch, step, path

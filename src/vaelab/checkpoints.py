@@ -38,7 +38,13 @@ def model_state(ckpt: dict) -> dict:
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
-    """Load weights, saying plainly when they belong to another model."""
+    """Load weights, saying plainly when they belong to another model (and loading nothing then)."""
+    check_weights(model, state, path)
+    model.load_state_dict(state)
+
+
+def check_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """Raise CheckpointError unless `state` has exactly the model's weights, with the model's shapes."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -48,4 +54,3 @@ def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
                   f"weights, e.g. {(missing + unexpected + shapes)[0]}")
         raise CheckpointError(f"{path} is from another model than the one configured ({detail}); use the config "
                               "it was trained with, or a checkpoint of this model.")
-    model.load_state_dict(state)

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vaelab.errors import ConfigError, DataError
 
@@ -114,29 +114,76 @@ def synthetic_images(n: int, seed: int, shape=(1, 28, 28)) -> np.ndarray:
     return out
 
 
-def _identity(batch):
-    return batch
-
-
 class InMemoryImages(Dataset):
-    """Images as one uint8 or float tensor; a batch is one indexing operation, not per-image transforms.
-    With dynamic binarisation every fetch draws fresh Bernoulli pixels."""
+    """Images as one uint8 or float tensor; a batch is one indexing operation, not per-image transforms."""
 
-    def __init__(self, images: Tensor, dynamic_binarize: bool = False) -> None:
+    def __init__(self, images: Tensor) -> None:
         self.images = images
-        self.dynamic = dynamic_binarize
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitems__(self, indices: list[int]) -> Tensor:
+    def __getitems__(self, indices) -> Tensor:
         x = self.images[indices]
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        return torch.bernoulli(x) if self.dynamic else x
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
     def __getitem__(self, index: int) -> Tensor:
         return self.__getitems__([index])[0]
+
+
+class InMemoryLoader:
+    """Batches of an in-memory data set, by indexing, that a run can stop and resume between any two batches.
+
+    The order of epoch e is a permutation drawn from (seed, e), dynamic binarisation of batch b from
+    (seed, e, b), and each DDP rank takes its own slice (evaluation sets are split without padding, so no
+    image counts twice). Lightning saves `state_dict()` in checkpoints and hands it back on resume, so a
+    resumed run sees exactly the batches an uninterrupted one would have.
+    """
+
+    def __init__(self, dataset: InMemoryImages, batch_size: int, shuffle: bool = False,
+                 dynamic_binarize: bool = False, seed: int = 0, with_index: bool = False,
+                 rank: int = 0, world_size: int = 1, epoch_fn=None, position_fn=None) -> None:
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.dynamic_binarize, self.seed, self.with_index = dynamic_binarize, seed, with_index
+        self.rank, self.world_size = rank, world_size
+        self.epoch_fn = epoch_fn or (lambda: 0)
+        self.position_fn = position_fn  # batches of this epoch consumed so far, as the trainer counts them
+        self._resume: dict | None = None
+        self._epoch, self._yielded = 0, 0
+
+    def _indices(self, epoch: int) -> Tensor:
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            return order[self.rank :: self.world_size][: n // self.world_size]  # equal shards, for DDP
+        per_rank = -(-n // self.world_size)
+        return torch.arange(n)[self.rank * per_rank : (self.rank + 1) * per_rank]  # contiguous, unpadded
+
+    def __len__(self) -> int:
+        return -(-len(self._indices(0)) // self.batch_size)
+
+    def __iter__(self):
+        self._epoch = epoch = int(self.epoch_fn())
+        start = 0
+        if self._resume is not None and self._resume.get("epoch") == epoch:
+            start = int(self._resume.get("position", 0))
+        self._resume = None
+        indices = self._indices(epoch)
+        for b in range(start, len(self)):
+            self._yielded = b + 1
+            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.dataset.__getitems__(idx)
+            if self.dynamic_binarize:  # a fresh draw per batch, reproducible from (seed, epoch, batch)
+                g = torch.Generator().manual_seed(((self.seed * 100_003 + epoch) * 1_000_003 + b) % 2**63)
+                x = torch.bernoulli(x, generator=g)
+            yield (x, idx) if self.with_index else x
+
+    def state_dict(self) -> dict:
+        position = self.position_fn() if self.position_fn is not None else self._yielded
+        return {"epoch": self._epoch, "position": int(position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
 
 
 def _binarize(x: Tensor, seed: int) -> Tensor:
@@ -162,7 +209,7 @@ class ImageDataModule(L.LightningDataModule):
         subset: int | None = None,
         split_seed: int = 0,
         download: bool = True,
-        num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if name not in SOURCES:
@@ -178,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.root, self.binarize = name, root, binarize
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.subset, self.split_seed = val_size, subset, split_seed
-        self.download, self.num_workers = download, num_workers
+        self.download, self.seed = download, seed
         self.source = SOURCES[name]
         self.image_shape: tuple[int, int, int] = self.source.image_shape
         self.train_set = self.val_set = self.test_set = None
@@ -218,8 +265,7 @@ class ImageDataModule(L.LightningDataModule):
             train = _binarize(train, self.split_seed + 1)
         if self.is_binary:  # evaluation sets are binarised once, with a fixed seed
             val, test = _binarize(val, self.split_seed + 2), _binarize(test, self.split_seed + 3)
-        self.train_set = InMemoryImages(train, dynamic_binarize=self.binarize == "dynamic")
-        self.val_set, self.test_set = InMemoryImages(val), InMemoryImages(test)
+        self.train_set, self.val_set, self.test_set = InMemoryImages(train), InMemoryImages(val), InMemoryImages(test)
 
     def train_images(self) -> Tensor:
         """All training images as floats in [0, 1] (grey values, not binarised): for pseudo-input init."""
@@ -230,18 +276,31 @@ class ImageDataModule(L.LightningDataModule):
         """The first n validation images: a fixed batch for reconstruction grids."""
         return self.val_set.__getitems__(list(range(min(n, len(self.val_set)))))
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=_identity,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _distributed(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+    def train_dataloader(self) -> InMemoryLoader:
+        rank, world = self._distributed()
+        trainer = self.trainer
+        return InMemoryLoader(
+            self.train_set, self.batch_size, shuffle=True, dynamic_binarize=self.binarize == "dynamic",
+            seed=self.seed, rank=rank, world_size=world,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
+            position_fn=(lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer else None,
+        )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+    def val_dataloader(self) -> InMemoryLoader:
+        rank, world = self._distributed()
+        return InMemoryLoader(self.val_set, self.eval_batch_size, rank=rank, world_size=world)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+    def test_dataloader(self) -> InMemoryLoader:
+        """Test batches are (images, their indices in the test set): the indices key the importance
+        sampling noise, so test/nll does not depend on batching or on the number of processes."""
+        rank, world = self._distributed()
+        return InMemoryLoader(self.test_set, self.eval_batch_size, with_index=True, rank=rank, world_size=world)
 
 
 def main() -> None:

@@ -30,18 +30,19 @@ def pick_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model, loader, importance_samples: int, points_per_pass: int, device: torch.device,
-             progress: bool = True) -> dict[str, float]:
+             seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Every test metric over a loader, as sums that a DDP run would reduce the same way."""
     nll, means = ImportanceSampledNLL().to(device), ElboMeans(len(model.latent_dims)).to(device)
     active = [ActiveUnits(d).to(device) for d in model.latent_dims]
     model = model.to(device)
-    for x in tqdm(loader, desc=f"test NLL, K={importance_samples}", disable=not progress, unit="batch"):
+    for batch in tqdm(loader, desc=f"test NLL, K={importance_samples}", disable=not progress, unit="batch"):
+        x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
         x = x.to(device)
         terms = model.elbo_terms(x)
         means.update(terms.recon, terms.kl_layers)
         for metric, mu in zip(active, model.posterior_means(x)):
             metric.update(mu)
-        nll.update(importance_log_weights(model, x, importance_samples, points_per_pass))
+        nll.update(importance_log_weights(model, x, importance_samples, points_per_pass, index=index, seed=seed))
     value = float(nll.compute())
     out = {f"test/{k}": float(v) for k, v in means.compute().items()}
     out.update({"test/nll": value, "test/nll_mc_se": float(nll.standard_error()), "test/bpd": float(bits_per_dim(value, model.num_pixels)),
@@ -58,9 +59,12 @@ def run(cfg: DictConfig) -> dict:
     saved, datamodule, model = restore(cfg.ckpt_path, {"root": cfg.data_root, "subset": cfg.subset,
                                                           "eval_batch_size": cfg.batch_size})
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+    if cfg.split == "val":  # key the importance samples by image index on the validation set too
+        loader.with_index = True
     device = pick_device(cfg.device)
     t0 = time.perf_counter()
-    metrics = evaluate(model, loader, int(cfg.importance_samples), int(cfg.points_per_pass), device)
+    metrics = evaluate(model, loader, int(cfg.importance_samples), int(cfg.points_per_pass), device,
+                       seed=int(cfg.importance_seed))
     results = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "model": saved.model.name, "prior": saved.prior.name, "likelihood": saved.likelihood.name,

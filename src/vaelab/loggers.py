@@ -8,7 +8,8 @@ import os
 import socket
 from pathlib import Path
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
@@ -99,3 +100,21 @@ def wandb_run_dir(logger: WandbLogger) -> Path | None:
     run = logger.experiment
     files_dir = getattr(run, "dir", None)
     return Path(files_dir).parent if files_dir else None
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger deletes an existing metrics.csv; this one appends to it, so a resumed run keeps
+    the history it had before it was stopped."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            path = Path(self.log_dir) / "metrics.csv"
+            kept = path.read_text() if path.is_file() else None
+            experiment = CSVLogger.experiment.fget(self)
+            if kept:
+                path.write_text(kept)
+                experiment.metrics_keys = kept.splitlines()[0].split(",")
+            return experiment
+        return self._experiment

@@ -9,12 +9,51 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-def importance_log_weights(model, x: Tensor, k: int, points_per_pass: int = 5_000) -> Tensor:
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """MurmurHash3's finaliser on int64 tensors holding 32-bit values (products wrap; the mask keeps 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def _uniform(counter: Tensor, seed: int) -> Tensor:
+    h = _fmix32((counter & _M32) ^ _fmix32(torch.tensor(seed & _M32, device=counter.device)))
+    h = _fmix32(h ^ ((counter >> 32) & _M32))
+    return (h.double() + 0.5) / 2.0**32  # in (0, 1)
+
+
+def counter_normal(seed: int, index: Tensor, first_sample: int, k: int, dim: int) -> Tensor:
+    """Standard normal draws [k, B, dim] that are a pure function of (seed, image index, sample number,
+    dimension): common random numbers, so an image's importance-sampled estimate is the same whatever the
+    batch, the chunking of samples, the device count or the order of images (Box-Muller on a counter hash)."""
+    device = index.device
+    s = torch.arange(first_sample, first_sample + k, device=device)[:, None, None]
+    i = index.long()[None, :, None]
+    d = torch.arange(dim, device=device)[None, None, :]
+    counter = ((i * 2**24 + s) * dim + d) * 2  # [k, B, dim]; distinct for < 2^20 images, < 2^24 samples
+    u1, u2 = _uniform(counter, seed), _uniform(counter + 1, seed)
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
+
+
+def importance_log_weights(model, x: Tensor, k: int, points_per_pass: int = 5_000,
+                           index: Tensor | None = None, seed: int = 0) -> Tensor:
     """All k importance log-weights for a batch, [k, B], computed in chunks of samples so that one pass
     through the decoder holds at most `points_per_pass` (sample, image) pairs: batched over images and
-    samples alike, never a Python loop over images."""
+    samples alike, never a Python loop over images. With `index` (each image's position in its data set),
+    the samples are common random numbers keyed by (seed, index): reproducible across batchings and DDP."""
     chunk = max(1, min(k, points_per_pass // max(1, x.shape[0])))
-    return torch.cat([model.log_importance_weights(x, min(chunk, k - s)) for s in range(0, k, chunk)])
+    dim = sum(model.latent_dims)
+    out = []
+    for s in range(0, k, chunk):
+        n = min(chunk, k - s)
+        noise = None if index is None else counter_normal(seed, index.to(x.device), s, n, dim).to(x.dtype)
+        out.append(model.log_importance_weights(x, n, noise=noise))
+    return torch.cat(out)
 
 
 class ElboMeans(Metric):

@@ -40,6 +40,7 @@ class VAEModule(L.LightningModule):
         importance_samples: int = 1000,
         importance_points_per_pass: int = 5_000,
         check_finite_every_n_steps: int = 1,
+        importance_seed: int = 0,
         run_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -63,6 +64,7 @@ class VAEModule(L.LightningModule):
         self.test_nll = ImportanceSampledNLL()
         layers = len(model.latent_dims)
         self.epoch_means = nn.ModuleDict({f"{s}_": ElboMeans(layers) for s in ("train", "val", "test")})
+        self.epoch_means["train_"].persistent(True)  # a run resumed mid-epoch keeps the epoch's sums
         self.val_active = nn.ModuleList(ActiveUnits(d) for d in model.latent_dims)
         self.test_active = nn.ModuleList(ActiveUnits(d) for d in model.latent_dims)
 
@@ -132,13 +134,15 @@ class VAEModule(L.LightningModule):
         self._log_epoch_means("val")
         self._log_active_units("val", self.val_active)
 
-    def test_step(self, x: Tensor, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
         terms = self.model.elbo_terms(x)
         self.epoch_means["test_"].update(terms.recon, terms.kl_layers)
         for metric, means in zip(self.test_active, self.model.posterior_means(x)):
             metric.update(means)
         log_w = importance_log_weights(
-            self.model, x, self.hparams.importance_samples, self.hparams.importance_points_per_pass
+            self.model, x, self.hparams.importance_samples, self.hparams.importance_points_per_pass,
+            index=index, seed=self.hparams.importance_seed,
         )  # [K, B]
         self.test_nll.update(log_w)
 
@@ -165,3 +169,9 @@ class VAEModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:  # lets tools rebuild the model from the checkpoint alone
             checkpoint["vaelab_config"] = self.run_config
+        # the generator behind reparameterisation noise: a resumed run draws what an unbroken one would
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])

@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +16,52 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vaelab.callbacks import Preempted
+from vaelab.checkpoints import check_weights, load_checkpoint, model_state
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.loggers import log_checkpoints_offline, wandb_run_dir
 from vaelab.module import KL_DESCRIPTION, VAEModule
 from vaelab.runs import build, build_model
+from vaelab.validation import validate
 
 log = logging.getLogger("vaelab")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
 OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)
+_STARTED = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _comparable(overrides) -> list[str]:
+    return sorted(str(o) for o in overrides if not str(o).startswith(("resume=", "hydra.")))
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def run_dir(base: str, resume, overrides) -> str:
+    """The run directory: a new timestamped one, or with resume=auto the newest unfinished run of the same
+    command (same overrides, resume= aside) that has a checkpoints/last.ckpt to continue from."""
+    fresh = f"{base}/{_STARTED}"
+    if str(resume) != "auto":
+        return fresh
+    want, found = _comparable(overrides), []
+    for d in Path(base).glob("*"):
+        overrides_file, last = d / ".hydra" / "overrides.yaml", d / "checkpoints" / "last.ckpt"
+        if overrides_file.is_file() and last.is_file() and not _finished(d):
+            if _comparable(OmegaConf.load(overrides_file)) == want:
+                found.append((last.stat().st_mtime, str(d)))
+    return max(found)[1] if found else fresh
+
+
+OmegaConf.register_new_resolver("vaelab_run_dir", run_dir, replace=True)
 
 
 def check_consistency(cfg: DictConfig, datamodule) -> None:
@@ -40,22 +76,50 @@ def check_consistency(cfg: DictConfig, datamodule) -> None:
         raise ConfigError("likelihood=bernoulli does not fit colour images (data=cifar10); use likelihood=gaussian")
 
 
+def resume_from(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to continue from: ckpt_path if given, else with resume=auto the run's last.ckpt."""
+    resume = cfg.get("resume")
+    if resume not in (None, "auto"):
+        raise ConfigError(f"resume must be auto or null, got {resume!r}; to start from a file use ckpt_path=...")
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    return str(last) if resume == "auto" and last.is_file() else None
+
+
+def _run_state(out_dir: Path) -> dict:
+    """What survives a preemption besides the checkpoint: W&B run id, training time, preemption count."""
+    try:
+        return json.loads((out_dir / "run_state.json").read_text())
+    except (OSError, ValueError):
+        return {"train_time_s": 0.0, "preemptions": 0, "wandb_run_id": None}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return its results (also written to results.json)."""
+    validate(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    ckpt_path = resume_from(cfg, out_dir)
+    state = _run_state(out_dir) if ckpt_path else {"train_time_s": 0.0, "preemptions": 0, "wandb_run_id": None}
 
     datamodule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     check_consistency(cfg, datamodule)
     model = build_model(cfg, datamodule.image_shape)
-    if cfg.prior.get("init") == "data" and hasattr(model.prior, "init_from_data"):
+    if cfg.prior.get("init") == "data" and hasattr(model.prior, "init_from_data") and not ckpt_path:
         model.prior.init_from_data(datamodule.train_images())
+    if ckpt_path:  # refuse a broken or foreign checkpoint before anything starts
+        check_weights(model, model_state(load_checkpoint(ckpt_path)), ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = VAEModule(model, run_config=run_config, **cfg.loss, **cfg.optim, **cfg.eval)
 
+    if state.get("wandb_run_id") and cfg.get("logger") and "wandb" in cfg.logger:
+        with open_dict(cfg):
+            cfg.logger.wandb.run_id = state["wandb_run_id"]  # continue the same W&B run
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for lg in loggers:
@@ -63,11 +127,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             lg.log_hyperparams(run_config)
             lg.experiment.config.update(
                 {"kl_estimator": KL_DESCRIPTION[model.prior.analytic_kl]}, allow_val_change=True)
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers)
+            state["wandb_run_id"] = lg.experiment.id
+    try:
+        trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers)
+    except InstantiationException as exc:
+        if not isinstance(exc.__cause__, (MisconfigurationException, ValueError, TypeError)):
+            raise
+        _finish_wandb(loggers)
+        reason = str(exc.__cause__).splitlines()[0]
+        raise ConfigError(f"Lightning rejected the trainer config (conf/trainer/): {reason}") from None
 
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    train_time = time.perf_counter() - t0
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Preempted as stop:
+        return _preempted(stop, trainer, loggers, state, out_dir, time.perf_counter() - t0)
+    train_time = state["train_time_s"] + time.perf_counter() - t0
 
     # the last epoch's train/ and val/ figures; test/ ones follow from the best checkpoint
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
@@ -94,6 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "train_time_s": round(train_time, 2),
         "test_time_s": round(test_time, 2),
+        "preemptions": state["preemptions"],
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "importance_samples": cfg.eval.importance_samples,
         "kl_estimator": KL_DESCRIPTION[model.prior.analytic_kl],
@@ -112,6 +188,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
         _print_summary(results, out_dir, wandb_dir)
     _finish_wandb(loggers)
+    return results
+
+
+def _preempted(stop: Preempted, trainer, loggers, state: dict, out_dir: Path, elapsed: float) -> dict:
+    """Record a preemption: the run state beside the checkpoint, a 'preempted' results.json, one message."""
+    state["preemptions"] += 1
+    state["train_time_s"] += elapsed
+    results = {"status": "preempted", "signal": stop.signal_name, "epoch": stop.epoch, "global_step": stop.step,
+               "checkpoint": str(stop.path), "metrics": {}, "run_dir": str(out_dir)}
+    if trainer.is_global_zero:
+        (out_dir / "run_state.json").write_text(json.dumps(state))
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"\nvaelab: stopped by {stop.signal_name} at epoch {stop.epoch}, step {stop.step}; checkpoint saved "
+              f"to {stop.path}. Run the same command with resume=auto to continue.", flush=True)
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.mark_preempting()
+        wandb.finish(exit_code=0)
     return results
 
 
@@ -158,6 +254,8 @@ def _in_sweep() -> bool:
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
+        if results["status"] == "preempted":
+            sys.exit(0)
     except VaelabError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)

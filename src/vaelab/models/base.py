@@ -70,8 +70,9 @@ class VAEBase(nn.Module):
     def elbo_terms(self, x: Tensor) -> ElboTerms:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def log_importance_weights(self, x: Tensor, k: int) -> Tensor:  # pragma: no cover - interface
-        """[k, B]: log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x); the IWAE bound is their log-mean-exp."""
+    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:  # pragma: no cover
+        """[k, B]: log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x); the IWAE bound is their log-mean-exp.
+        noise: optional standard-normal draws [k, B, sum(latent_dims)] to use instead of fresh ones."""
         raise NotImplementedError
 
     def sample_latents(self, n: int) -> Tensor:  # pragma: no cover - interface

@@ -10,11 +10,13 @@ from torch import Tensor
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, n: int | None = None) -> Tensor:
-    """z = mu + sigma * eps, eps ~ N(0, I); with n, n independent draws stacked in front: [n, *mu.shape]."""
+def reparameterize(mu: Tensor, logvar: Tensor, n: int | None = None, eps: Tensor | None = None) -> Tensor:
+    """z = mu + sigma * eps, eps ~ N(0, I); with n, n independent draws stacked in front: [n, *mu.shape].
+    `eps` supplies the standard-normal draws (common random numbers) instead of the global generator."""
     std = torch.exp(0.5 * logvar)
-    shape = mu.shape if n is None else (n, *mu.shape)
-    eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
+    if eps is None:
+        shape = mu.shape if n is None else (n, *mu.shape)
+        eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
     return mu + std * eps
 
 

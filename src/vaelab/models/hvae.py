@@ -94,14 +94,16 @@ class HierarchicalVAE(VAEBase):
     def latent_dims(self) -> list[int]:
         return [self.latent_dim] * self.num_layers
 
-    def _infer(self, x: Tensor, k: int | None):
-        """Sample z_L, ..., z_1 from q top-down. Returns per layer (z, q_mu, q_logvar), bottom-up order."""
+    def _infer(self, x: Tensor, k: int | None, noise: Tensor | None = None):
+        """Sample z_L, ..., z_1 from q top-down. Returns per layer (z, q_mu, q_logvar), bottom-up order.
+        noise: optional standard-normal draws [k, B, L * D], consumed top layer first."""
+        eps = [None] * self.num_layers if noise is None else list(noise.split(self.latent_dim, dim=-1))
         mu, logvar = self.top_encoder(x)
-        z = reparameterize(mu, logvar, n=k)
+        z = reparameterize(mu, logvar, n=k, eps=eps[0])
         layers = [(z, mu, logvar)]
-        for post in reversed(self.posteriors):
+        for post, e in zip(reversed(self.posteriors), eps[1:]):
             mu, logvar = post(post.x_features(x), z)
-            z = reparameterize(mu, logvar)
+            z = reparameterize(mu, logvar, eps=e)
             layers.append((z, mu, logvar))
         return layers[::-1]
 
@@ -118,8 +120,8 @@ class HierarchicalVAE(VAEBase):
         kls.append(self.prior.kl(z_top, mu_top, logvar_top))
         return ElboTerms(recon=recon, kl_layers=torch.stack(kls))
 
-    def log_importance_weights(self, x: Tensor, k: int) -> Tensor:
-        layers = self._infer(x, k)  # each z: [k, B, D]
+    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:
+        layers = self._infer(x, k, noise)  # each z: [k, B, D]
         zs = [z for z, _, _ in layers]
         log_w = self.likelihood.log_prob(x, self.decoder(zs)) + self.prior.log_prob(zs[-1])  # [k, B]
         for l, cond_prior in enumerate(self.conditional_priors):

@@ -47,9 +47,9 @@ class VAE(VAEBase):
         kl = self.prior.kl(z, q_mu, q_logvar)  # [B]
         return ElboTerms(recon=recon, kl_layers=kl.unsqueeze(0))
 
-    def log_importance_weights(self, x: Tensor, k: int) -> Tensor:
+    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:
         q_mu, q_logvar = self.encoder(x)  # [B, D]
-        z = reparameterize(q_mu, q_logvar, n=k)  # [k, B, D]
+        z = reparameterize(q_mu, q_logvar, n=k, eps=noise)  # [k, B, D]
         log_p_x = self.likelihood.log_prob(x, self.decoder(z))  # [k, B]
         return log_p_x + self.prior.log_prob(z) - log_normal_diag(z, q_mu, q_logvar)
 

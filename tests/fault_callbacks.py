@@ -1,0 +1,29 @@
+"""Callbacks the fault tests add to the real app through config (+callbacks.x._target_=...): they cause a
+real fault at a chosen step, so tests need no timing luck."""
+
+import os
+
+import lightning as L
+import torch
+
+
+class SignalAt(L.Callback):
+    """Send a real signal to this process when training reaches `step` (as SLURM or `kill` would)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonBatch(L.Callback):
+    """Put a NaN into the training batch at `step`: corrupt data as it would reach the model."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch[0, 0, 0, 0] = torch.nan
