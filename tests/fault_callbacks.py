@@ -8,13 +8,14 @@ import torch
 
 
 class SignalAt(L.Callback):
-    """Send a real signal to this process when training reaches `step` (as SLURM or `kill` would)."""
+    """Send a real signal to the main process when training reaches `step`, as `kill <pid>` would (under DDP
+    only rank 0 gets it; the run must still stop every rank at the same batch)."""
 
     def __init__(self, step: int, signum: int) -> None:
         self.step, self.signum = step, signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.is_global_zero:
             os.kill(os.getpid(), self.signum)
 
 

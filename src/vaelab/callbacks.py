@@ -79,7 +79,10 @@ class Preemption(L.Callback):
         self.signal_name: str | None = None
         self._previous: dict = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take over SIGTERM and SIGUSR1 once Lightning has set its own handlers: ours only raise a flag. The
+        decision to stop is made at the end of a batch, agreed by all ranks (Lightning's SIGTERM handler runs
+        a collective inside the signal handler, which can deadlock DDP ranks mid-step)."""
         import signal
         import threading
 
@@ -87,18 +90,11 @@ class Preemption(L.Callback):
             return  # signal handlers can only be set from the main thread
         for name in self.SIGNALS:
             signum = getattr(signal, name)
-            previous = signal.getsignal(signum)
-            self._previous[signum] = previous
-
-            def handler(num, frame, name=name, previous=previous):
-                self.signal_name = name
-                if callable(previous) and name == "SIGTERM":
-                    previous(num, frame)  # Lightning's own SIGTERM handling (stops all DDP ranks)
-
-            signal.signal(signum, handler)
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, lambda num, frame, name=name: setattr(self, "signal_name", name))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = self.signal_name is not None or trainer.received_sigterm
+        stop = self.signal_name is not None
         if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
             flag = torch.tensor([1.0 if stop else 0.0], device=pl_module.device)
             stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
@@ -108,7 +104,7 @@ class Preemption(L.Callback):
         trainer.save_checkpoint(self.path)
         raise Preempted(self.signal_name, trainer.current_epoch, trainer.global_step, self.path)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

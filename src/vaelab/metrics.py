@@ -115,8 +115,9 @@ class ImportanceSampledNLL(Metric):
         return (self.nll_sum / self.count).float()
 
     def standard_error(self) -> Tensor:
-        """Monte Carlo standard error of compute(), in nats."""
-        return (self.mc_var_sum.sqrt() / self.count).float()
+        """Monte Carlo standard error of compute(), in nats (summed over all processes, as compute() is)."""
+        with self.sync_context(should_sync=self._to_sync):
+            return (self.mc_var_sum.sqrt() / self.count).float()
 
 
 class ActiveUnits(Metric):

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -123,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for lg in loggers:
-        if isinstance(lg, WandbLogger):
+        if isinstance(lg, WandbLogger) and rank_zero_only.rank == 0:  # other DDP ranks hold no W&B run
             lg.log_hyperparams(run_config)
             lg.experiment.config.update(
                 {"kl_estimator": KL_DESCRIPTION[model.prior.analytic_kl]}, allow_val_change=True)
@@ -179,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     wandb_dir = None
     for lg in loggers:
-        if isinstance(lg, WandbLogger):
+        if isinstance(lg, WandbLogger) and trainer.is_global_zero:
             log_checkpoints_offline(lg, trainer.checkpoint_callback)
             wandb_dir = wandb_run_dir(lg)
             results["wandb"] = {"id": lg.experiment.id, "mode": lg.experiment.settings.mode,
