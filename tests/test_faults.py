@@ -45,9 +45,10 @@ def test_preempted_run_resumes_to_the_same_result(tmp_path, fashion_mnist, signu
     assert sum(1 for r in rows[1:] if r.split(",")[rows[0].split(",").index("val/loss")]) == 3  # history kept
 
 
-def test_a_nan_loss_stops_with_one_sentence_and_leaves_the_last_good_checkpoint(train_run):
+@pytest.mark.parametrize("every", ["null", "5"])  # checked every step, or (as on a GPU) every 5 steps
+def test_a_nan_loss_stops_with_one_sentence_and_leaves_the_last_good_checkpoint(train_run, every):
     run_dir, _, proc = train_run("+callbacks.poison._target_=fault_callbacks.PoisonBatch", "+callbacks.poison.step=12",
-                                 "trainer.max_epochs=3", expect_ok=False)
+                                 "trainer.max_epochs=3", f"eval.check_finite_every_n_steps={every}", expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     # a NaN pixel reaches both terms through the encoder

@@ -74,8 +74,9 @@ class Preemption(L.Callback):
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+    def __init__(self, dirpath: str, filename: str = "last.ckpt", check_every_n_steps: int = 10) -> None:
         self.path = Path(dirpath) / filename
+        self.check_every_n_steps = max(1, check_every_n_steps)  # DDP: how often ranks agree (one collective)
         self.signal_name: str | None = None
         self._previous: dict = {}
 
@@ -96,11 +97,15 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = self.signal_name is not None
         if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
+            if (trainer.global_step + 1) % self.check_every_n_steps:
+                return
             flag = torch.tensor([1.0 if stop else 0.0], device=pl_module.device)
             stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
         if not stop:
             return
         self.signal_name = self.signal_name or "SIGTERM"
+        if hasattr(pl_module, "raise_if_nonfinite"):
+            pl_module.raise_if_nonfinite()  # never save broken weights
         trainer.save_checkpoint(self.path)
         raise Preempted(self.signal_name, trainer.current_epoch, trainer.global_step, self.path)
 

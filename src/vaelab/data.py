@@ -174,7 +174,7 @@ class InMemoryLoader:
             idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.dataset.__getitems__(idx)
             if self.dynamic_binarize:  # a fresh draw per batch, reproducible from (seed, epoch, batch)
-                g = torch.Generator().manual_seed(((self.seed * 100_003 + epoch) * 1_000_003 + b) % 2**63)
+                g = torch.Generator(device=x.device).manual_seed(((self.seed * 100_003 + epoch) * 1_000_003 + b) % 2**63)
                 x = torch.bernoulli(x, generator=g)
             yield (x, idx) if self.with_index else x
 
@@ -196,6 +196,7 @@ class ImageDataModule(L.LightningDataModule):
     binarize: none (grey-scale in [0, 1]) | static (one fixed Bernoulli draw) | dynamic (a fresh draw per
     training batch; validation and test are drawn once with a fixed seed so they stay comparable).
     subset: cap every split at this many images, for small fast runs.
+    device: keep the images on this device (e.g. cuda: all of Fashion-MNIST is 47 MB) instead of host memory.
     """
 
     def __init__(
@@ -210,6 +211,7 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: int = 0,
         download: bool = True,
         seed: int = 0,
+        device: str | None = None,
     ) -> None:
         super().__init__()
         if name not in SOURCES:
@@ -225,7 +227,7 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.root, self.binarize = name, root, binarize
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.subset, self.split_seed = val_size, subset, split_seed
-        self.download, self.seed = download, seed
+        self.download, self.seed, self.device = download, seed, device
         self.source = SOURCES[name]
         self.image_shape: tuple[int, int, int] = self.source.image_shape
         self.train_set = self.val_set = self.test_set = None
@@ -265,6 +267,8 @@ class ImageDataModule(L.LightningDataModule):
             train = _binarize(train, self.split_seed + 1)
         if self.is_binary:  # evaluation sets are binarised once, with a fixed seed
             val, test = _binarize(val, self.split_seed + 2), _binarize(test, self.split_seed + 3)
+        if self.device:  # a GPU-resident data set: batches are cut where the model runs, nothing crosses the bus
+            train, val, test = train.to(self.device), val.to(self.device), test.to(self.device)
         self.train_set, self.val_set, self.test_set = InMemoryImages(train), InMemoryImages(val), InMemoryImages(test)
 
     def train_images(self) -> Tensor:

@@ -39,7 +39,7 @@ class VAEModule(L.LightningModule):
         free_bits: float = 0.0,
         importance_samples: int = 1000,
         importance_points_per_pass: int = 5_000,
-        check_finite_every_n_steps: int = 1,
+        check_finite_every_n_steps: int | None = None,
         importance_seed: int = 0,
         run_config: dict | None = None,
     ) -> None:
@@ -60,6 +60,7 @@ class VAEModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "run_config"])
         self.model = model
         self.run_config = run_config
+        self._first_bad: Tensor | None = None
         self.num_dims = math.prod(model.image_shape)
         self.test_nll = ImportanceSampledNLL()
         layers = len(model.latent_dims)
@@ -97,9 +98,10 @@ class VAEModule(L.LightningModule):
         terms = self.model.elbo_terms(x)
         beta = self.beta()
         objective = self.objective(terms, beta)
-        every = self.hparams.check_finite_every_n_steps
-        if every and self.global_step % every == 0:
-            self._check_finite(terms)
+        self._track_finite(terms)
+        every = self.check_every
+        if every and (self.global_step + 1) % every == 0:
+            self.raise_if_nonfinite()
         self.epoch_means["train_"].update(terms.recon, terms.kl_layers)
         every_log = self.trainer.log_every_n_steps
         if every_log and (self.global_step + 1) % every_log == 0:  # per-step curves, when Lightning writes logs
@@ -109,19 +111,44 @@ class VAEModule(L.LightningModule):
                            "train/beta": beta}, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return objective
 
-    def _check_finite(self, terms: ElboTerms) -> None:
-        recon_ok, kl_ok = torch.isfinite(terms.recon).all(), torch.isfinite(terms.kl_layers).all()
-        if bool(recon_ok & kl_ok):  # one host-device sync, every check_finite_every_n_steps steps
+    @property
+    def check_every(self) -> int:
+        """Steps between host-device syncs for the NaN check: every step on CPU (free there), every 50 on
+        an accelerator unless eval.check_finite_every_n_steps says otherwise."""
+        every = self.hparams.check_finite_every_n_steps
+        return every if every is not None else (1 if self.device.type == "cpu" else 50)
+
+    def _track_finite(self, terms: ElboTerms) -> None:
+        """Remember, on the device and without a sync, the first step whose recon or KL was not finite."""
+        bad = torch.stack([~torch.isfinite(terms.recon.detach()).all(), ~torch.isfinite(terms.kl_layers.detach()).all()])
+        if self._first_bad is None or self._first_bad.device != bad.device:
+            self._first_bad = torch.full((3,), -1, dtype=torch.long, device=bad.device)  # step, recon, kl
+        fresh = bad.any() & (self._first_bad[0] < 0)
+        now = torch.cat([torch.tensor([self.global_step], device=bad.device), bad.long()])
+        self._first_bad = torch.where(fresh, now, self._first_bad)
+
+    def raise_if_nonfinite(self) -> None:
+        """One sync: stop with a clear sentence if any step so far had a NaN or infinite loss. Called every
+        check_every steps, and before anything is saved (validation, preemption), so no broken checkpoint is
+        ever written."""
+        if self._first_bad is None or int(self._first_bad[0]) < 0:
             return
-        which = ("reconstruction term" if not recon_ok else "") + (" and " if not (recon_ok or kl_ok) else "") + (
-            "KL term" if not kl_ok else "")
+        step, recon_bad, kl_bad = (int(v) for v in self._first_bad.tolist())
+        which = " and ".join(t for t, b in (("reconstruction term", recon_bad), ("KL term", kl_bad)) if b)
+        steps = max(1, self.trainer.num_training_batches) if self._trainer is not None else 0
+        epoch = step // steps if steps else self.current_epoch
         raise NonFiniteLossError(
-            f"Training stopped: the loss became NaN or infinite in the {which} at step {self.global_step} "
-            f"(epoch {self.current_epoch}); lower optim.lr or check the data for NaNs. Checkpoints already "
+            f"Training stopped: the loss became NaN or infinite in the {which} at step {step} "
+            f"(epoch {epoch}); lower optim.lr or check the data for NaNs. Checkpoints already "
             "saved were not touched."
         )
 
+    def on_validation_start(self) -> None:
+        if self.trainer.training or self.trainer.state.fn == "fit":
+            self.raise_if_nonfinite()
+
     def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()
         self._log_epoch_means("train")
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:

@@ -117,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_weights(model, model_state(load_checkpoint(ckpt_path)), ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = VAEModule(model, run_config=run_config, **cfg.loss, **cfg.optim, **cfg.eval)
+    if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
+        model.elbo_terms = torch.compile(model.elbo_terms)
 
     if state.get("wandb_run_id") and cfg.get("logger") and "wandb" in cfg.logger:
         with open_dict(cfg):

@@ -20,7 +20,7 @@ RULES: dict[str, tuple] = {
     "loss.free_bits": (_NUM, 0, False),
     "eval.importance_samples": (_INT, 0, True),
     "eval.importance_points_per_pass": (_INT, 0, True),
-    "eval.check_finite_every_n_steps": (_INT, 0, False),
+    "eval.check_finite_every_n_steps": (_INT, 1, False),
     "data.batch_size": (_INT, 0, True),
     "data.eval_batch_size": (_INT, 0, True),
     "data.val_size": (_INT, 0, True),
@@ -41,7 +41,7 @@ RULES: dict[str, tuple] = {
     "trainer.max_epochs": (_INT, 1, False),
     "resume": (None, "auto"),
 }
-NULLABLE = {"data.subset", "trainer.max_epochs"}
+NULLABLE = {"data.subset", "trainer.max_epochs", "eval.check_finite_every_n_steps"}
 
 
 def _check(key: str, value, rule: tuple) -> None:

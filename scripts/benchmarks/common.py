@@ -1,0 +1,42 @@
+"""Shared helpers for the benchmarks: the environment they ran in, and where their JSON goes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = Path(os.environ.get("VAELAB_BENCH_DIR", ROOT / "outputs" / "benchmarks"))
+
+
+def environment() -> dict:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "device": device, "cuda": torch.cuda.is_available(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def save(name: str, figures: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "environment": environment(), **figures}, indent=2))
+    print(f"\nwrote {path}")
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
