@@ -33,6 +33,13 @@ train: data
 test: data
 	$(BIN)/python -m pytest $(ARGS)
 
+# Speed figures (each script prints a table and writes outputs/benchmarks/<name>.json)
+bench: data
+	$(BIN)/python scripts/benchmarks/train_throughput.py
+	$(BIN)/python scripts/benchmarks/eval_throughput.py
+	$(BIN)/python scripts/benchmarks/data_throughput.py
+	$(BIN)/python scripts/benchmarks/scaling.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, save, table  # noqa: E402
+from common import ROOT, save, table
 
-from vaelab.data import ImageDataModule, InMemoryLoader  # noqa: E402
+from vaelab.data import ImageDataModule, InMemoryLoader
 
 
 def rate(iterable, batches: int, binarize=None) -> float:

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, save, sync, table  # noqa: E402
+from common import ROOT, save, sync, table
 
-from vaelab.data import ImageDataModule  # noqa: E402
-from vaelab.metrics import importance_log_weights  # noqa: E402
-from vaelab.models import VAE, HierarchicalVAE, StandardNormal, VampPrior  # noqa: E402
+from vaelab.data import ImageDataModule
+from vaelab.metrics import importance_log_weights
+from vaelab.models import VAE, HierarchicalVAE, StandardNormal, VampPrior
 
 MODELS = {
     "vanilla": lambda: VAE((1, 28, 28), prior=StandardNormal),

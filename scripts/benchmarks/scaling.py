@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save, sync, table  # noqa: E402
+from common import save, sync, table
 
-from vaelab.models import VAE, HierarchicalVAE, StandardNormal, VampPrior  # noqa: E402
+from vaelab.models import VAE, HierarchicalVAE, StandardNormal, VampPrior
 
 
 def step_ms(model, batch: int, steps: int, dev) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, save, sync, table  # noqa: E402
+from common import ROOT, save, sync, table
 
 MODELS = {"vanilla": ["model=vanilla", "prior=standard"], "vamp": ["model=vanilla", "prior=vamp"],
           "deep": ["model=deep", "prior=standard"], "deep_vamp": ["model=deep", "prior=vamp"]}

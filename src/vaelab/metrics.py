@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-
 _M32 = 0xFFFFFFFF
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import matplotlib.pyplot as plt
+from omegaconf import OmegaConf
 
 COLUMNS = [  # (results key, table header)
     ("test/nll", "test NLL"), ("test/elbo", "test ELBO"), ("test/recon", "recon"), ("test/kl", "KL"),
@@ -151,10 +151,11 @@ def _val_curves(run: Run) -> dict[str, list[tuple[int, float]]]:
     curves: dict[str, list[tuple[int, float]]] = {"val/elbo": [], "val/recon": [], "val/kl": []}
     if not file.is_file():
         return curves
-    for row in csv.DictReader(open(file)):
-        for key in curves:
-            if row.get(key):
-                curves[key].append((int(row["epoch"]) + 1, float(row[key])))
+    with open(file, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, points in curves.items():
+                if row.get(key):
+                    points.append((int(row["epoch"]) + 1, float(row[key])))
     return curves
 
 

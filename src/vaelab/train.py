@@ -15,8 +15,8 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from hydra.errors import InstantiationException
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict

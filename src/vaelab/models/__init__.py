@@ -7,7 +7,14 @@ from vaelab.models.priors import Prior, StandardNormal, VampPrior
 from vaelab.models.vae import VAE
 
 __all__ = [
-    "VAE", "HierarchicalVAE", "VAEBase", "ElboTerms",
-    "Likelihood", "Bernoulli", "Gaussian",
-    "Prior", "StandardNormal", "VampPrior",
+    "VAE",
+    "Bernoulli",
+    "ElboTerms",
+    "Gaussian",
+    "HierarchicalVAE",
+    "Likelihood",
+    "Prior",
+    "StandardNormal",
+    "VAEBase",
+    "VampPrior",
 ]

@@ -4,8 +4,8 @@ VAE they hold: elbo_terms, log_importance_weights, sample, reconstruct, posterio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -7,7 +7,7 @@ each prior takes what it needs from that context.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
