@@ -34,11 +34,13 @@ def test_ddp_on_two_processes_shards_data_and_matches_one_process_on_the_same_we
 def test_ddp_run_survives_preemption(tmp_path, fashion_mnist):
     logs = tmp_path / "outputs"
     kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=5",
-            f"+callbacks.kill.signum={int(signal.SIGTERM)}"]
+            f"+callbacks.kill.signum={int(signal.SIGTERM)}",
+            "callbacks.preemption.check_every_n_steps=2"]  # ranks agree every 2 steps (default 10)
     first = run_app(*DDP, *kill, f"paths.log_dir={logs}")
     assert first.returncode == 0, first.stderr[-4000:]
     (run_dir,) = (logs / "train").iterdir()
-    assert json.loads((run_dir / "results.json").read_text())["status"] == "preempted"
+    stopped = json.loads((run_dir / "results.json").read_text())
+    assert stopped["status"] == "preempted" and stopped["global_step"] == 6  # the next agreement point
     again = run_app(*DDP, *kill, f"paths.log_dir={logs}", "resume=auto")
     assert again.returncode == 0, again.stderr[-4000:]
     res = json.loads((run_dir / "results.json").read_text())

@@ -3,6 +3,7 @@ pseudo-inputs), saved as PNGs and sent to every logger that takes images."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -97,7 +98,7 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = self.signal_name is not None
         if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
-            if (trainer.global_step + 1) % self.check_every_n_steps:
+            if trainer.global_step % self.check_every_n_steps:  # steps done, this one included
                 return
             flag = torch.tensor([1.0 if stop else 0.0], device=pl_module.device)
             stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
@@ -130,3 +131,42 @@ class Preempted(SystemExit):
     def __init__(self, signal_name: str, epoch: int, step: int, path: Path) -> None:
         super().__init__(0)
         self.signal_name, self.epoch, self.step, self.path = signal_name, epoch, step, path
+
+
+class Throughput(L.Callback):
+    """Training images per second, from the `skip`-th batch of each epoch to its last training batch
+    (start-up, validation and checkpointing excluded), logged as perf/train_images_per_s. Two clock reads per
+    batch and, on a GPU, one synchronisation per epoch: it costs nothing measurable."""
+
+    def __init__(self, skip: int = 10) -> None:
+        self.skip = skip
+        self._start: float | None = None
+        self._last: float | None = None
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._last, self._images = None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.skip:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is not None:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            self._images += x.shape[0]
+            last = batch_idx + 1 >= trainer.num_training_batches or trainer.global_step >= trainer.max_steps > 0
+            if last:
+                self._sync(pl_module)
+            self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None and self._last is not None and self._last > self._start:
+            rate = self._images * trainer.world_size / (self._last - self._start)
+            pl_module.log("perf/train_images_per_s", float(rate))
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)

@@ -148,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_time = state["train_time_s"] + time.perf_counter() - t0
 
     # the last epoch's train/ and val/ figures; test/ ones follow from the best checkpoint
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/", "perf/"))}
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if best is not None:
         metrics["val/best_loss"] = float(best)
