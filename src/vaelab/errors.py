@@ -19,3 +19,14 @@ class CheckpointError(VaelabError):
 
 class NonFiniteLossError(VaelabError):
     """Training produced a NaN or infinite loss."""
+
+
+def run_or_explain(fn, *args):
+    """Run an entry point's body; a VaelabError ends the process with its one sentence, no traceback."""
+    import sys
+
+    try:
+        return fn(*args)
+    except VaelabError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)

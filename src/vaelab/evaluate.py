@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from vaelab.errors import ConfigError, VaelabError
+from vaelab.errors import ConfigError, run_or_explain
 from vaelab.metrics import ActiveUnits, ElboMeans, ImportanceSampledNLL, bits_per_dim, importance_log_weights
 from vaelab.runs import restore
 from vaelab.train import CONF_DIR
@@ -87,11 +86,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except VaelabError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_or_explain(run, cfg)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ VampPrior's pseudo-inputs) of any checkpoint, as PNG grids."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -11,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from vaelab.errors import VaelabError
+from vaelab.errors import run_or_explain
 from vaelab.evaluate import pick_device
 from vaelab.runs import restore
 from vaelab.sampling import all_grids
@@ -38,11 +37,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except VaelabError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    run_or_explain(run, cfg)
 
 
 if __name__ == "__main__":
