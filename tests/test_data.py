@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaelab.data import SOURCES, ImageDataModule, InMemoryLoader, load_images
+from vaelab.data import SOURCES, ImageDataModule, InMemoryLoader, bernoulli_draw, load_images
 from vaelab.errors import ConfigError, DataError
 
 
@@ -77,3 +77,14 @@ def test_bad_data_options_are_config_errors(fashion_mnist):
     dm = ImageDataModule(root=str(fashion_mnist), subset=50, batch_size=100)
     with pytest.raises(ConfigError, match="data.batch_size=100 is larger than the 50 training images"):
         dm.setup()
+
+
+def test_bernoulli_draw_has_the_bernoulli_distribution():
+    p = torch.tensor([0.0, 0.05, 0.3, 0.5, 0.9, 1.0]).expand(40_000, 6).contiguous()
+    x = bernoulli_draw(p, torch.Generator().manual_seed(0))
+    assert x.dtype == p.dtype and set(x.unique().tolist()) <= {0.0, 1.0}
+    freq, se = x.mean(0), (p[0] * (1 - p[0]) / p.shape[0]).sqrt()
+    assert freq[0] == 0 and freq[-1] == 1  # never above p=0, always below p=1
+    assert ((freq - p[0]).abs() <= 4 * se + 1e-6).all(), freq
+    again = bernoulli_draw(p, torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)  # reproducible from the generator's seed

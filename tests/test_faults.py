@@ -95,6 +95,7 @@ BAD = [  # (override, words the one-line error must contain)
     ("likelihood=gaussian data.binarize=none likelihood.sigma=-1", "likelihood.sigma must be greater than 0"),
     ("optim.lr=0", "optim.lr must be greater than 0"),
     ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+    ("optim.fused=sometimes", "optim.fused must be one of True, False, got 'sometimes'"),
     ("loss.beta=-1", "loss.beta must be at least 0"),
     ("loss.warmup_epochs=-2", "loss.warmup_epochs must be at least 0"),
     ("loss.free_bits=-0.5", "loss.free_bits must be at least 0"),

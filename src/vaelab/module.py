@@ -27,6 +27,8 @@ class VAEModule(L.LightningModule):
     warmup_epochs: beta rises linearly from 0 over this many epochs (0: no warm-up).
     free_bits: floor, in nats, on the batch-mean KL of each stochastic layer (0: off).
     importance_samples: K for test/nll.
+    fused: use Adam's fused kernel where the parameters' device supports it (CPU and CUDA): one kernel for
+        all parameters instead of a handful of ops per tensor, about 3x faster on a CPU.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class VAEModule(L.LightningModule):
         importance_points_per_pass: int = 5_000,
         check_finite_every_n_steps: int | None = None,
         importance_seed: int = 0,
+        fused: bool = True,
         run_config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -98,10 +101,15 @@ class VAEModule(L.LightningModule):
         terms = self.model.elbo_terms(x)
         beta = self.beta()
         objective = self.objective(terms, beta)
-        self._track_finite(terms)
         every = self.check_every
-        if every and (self.global_step + 1) % every == 0:
-            self.raise_if_nonfinite()
+        if every == 1:  # on a CPU reading the scalar costs no sync: check it, and look at the terms only if bad
+            if not math.isfinite(objective.item()):
+                self._track_finite(terms)
+                self.raise_if_nonfinite()
+        else:
+            self._track_finite(terms)
+            if every and (self.global_step + 1) % every == 0:
+                self.raise_if_nonfinite()
         self.epoch_means["train_"].update(terms.recon, terms.kl_layers)
         every_log = self.trainer.log_every_n_steps
         if every_log and (self.global_step + 1) % every_log == 0:  # per-step curves, when Lightning writes logs
@@ -191,7 +199,7 @@ class VAEModule(L.LightningModule):
             m.reset()
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return adam(list(self.parameters()), self.hparams.lr, self.hparams.weight_decay, self.hparams.fused)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:  # lets tools rebuild the model from the checkpoint alone
@@ -202,3 +210,14 @@ class VAEModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+def adam(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.Adam:
+    """Adam, with the fused kernel when asked for and the parameters' device and dtype have one (torch checks
+    this when the optimiser is built); otherwise torch's default implementation. Same algorithm either way."""
+    if fused:
+        try:
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            pass
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

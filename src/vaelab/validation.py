@@ -15,6 +15,7 @@ RULES: dict[str, tuple] = {
     "seed": (_INT, 0, False),
     "optim.lr": (_NUM, 0, True),
     "optim.weight_decay": (_NUM, 0, False),
+    "optim.fused": (True, False),
     "loss.beta": (_NUM, 0, False),
     "loss.warmup_epochs": (_NUM, 0, False),
     "loss.free_bits": (_NUM, 0, False),
