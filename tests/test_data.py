@@ -88,3 +88,10 @@ def test_bernoulli_draw_has_the_bernoulli_distribution():
     assert ((freq - p[0]).abs() <= 4 * se + 1e-6).all(), freq
     again = bernoulli_draw(p, torch.Generator().manual_seed(0))
     assert torch.equal(x, again)  # reproducible from the generator's seed
+
+
+def test_bernoulli_draw_matches_torch_bernoulli_draw_for_draw_on_cpu():
+    """Runs made before vaelab drew this way (with torch.bernoulli) are reproduced exactly."""
+    p = torch.rand(100, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    ours = bernoulli_draw(p, torch.Generator().manual_seed(11))
+    assert torch.equal(ours, torch.bernoulli(p, generator=torch.Generator().manual_seed(11)))

@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("VAELAB_BENCH_DIR", ROOT / "outputs" / "benchmarks"))
+DATA = Path(os.environ.get("VAELAB_DATA_DIR", ROOT / "data"))  # as conf/paths: the data root
 
 
 def environment() -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, save, table
+from common import DATA, save, table
 
 from vaelab.data import ImageDataModule, InMemoryLoader
 
@@ -39,10 +39,10 @@ def main() -> None:
     import torchvision
     from torchvision.transforms import ToTensor
 
-    dm = ImageDataModule(root=str(ROOT / "data"), batch_size=args.batch_size)
+    dm = ImageDataModule(root=str(DATA), batch_size=args.batch_size)
     dm.setup()
     ours = rate(InMemoryLoader(dm.train_set, args.batch_size, shuffle=True, dynamic_binarize=True), args.batches)
-    tv = torchvision.datasets.FashionMNIST(str(ROOT / "data"), train=True, download=False, transform=ToTensor())
+    tv = torchvision.datasets.FashionMNIST(str(DATA), train=True, download=False, transform=ToTensor())
     rows = [{"loader": "vaelab InMemoryLoader", "batches/s": round(ours, 1),
              "images/s": round(ours * args.batch_size)}]
     for workers in (0, 2):

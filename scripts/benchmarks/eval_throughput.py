@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, save, sync, table
+from common import DATA, save, sync, table
 
 from vaelab.data import ImageDataModule
 from vaelab.metrics import importance_log_weights
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dev = torch.device(args.device)
-    dm = ImageDataModule(root=str(ROOT / "data"))
+    dm = ImageDataModule(root=str(DATA))
     dm.setup()
     x = dm.test_set.images[: args.images].to(dev)
     rows = []

@@ -1,7 +1,7 @@
 """Training throughput: `vaelab-train` against a bare hand-written PyTorch loop of the same model, data,
 batch size and precision, in this process, measured in alternating blocks.
 
-    python scripts/benchmarks/train_throughput.py [--models vanilla vamp deep] [--blocks 8] [--block 50]
+    python scripts/benchmarks/train_throughput.py [--models vanilla vamp deep] [--blocks 8] [--block 50] [--compile]
 
 vaelab: the real app (`vaelab.train.train` on the composed config: Lightning's Trainer, its loop and hooks,
 vaelab's module and data module, callbacks, and the CSV and offline W&B loggers).
@@ -16,6 +16,9 @@ callback runs `--block` steps of each bare loop, and each side's clock covers on
 block runs from the end of the last bare block to the end of its `--block`-th training step: data fetch,
 hooks, step, logging, all of it). A slow moment of this shared machine then hits both sides alike. The first
 block of each side is warm-up and not counted. Ratio = vaelab images/s / bare images/s; the goal is 0.95.
+--compile repeats each measurement with compile=true (torch.compile of the training objective) and reports
+its gain: (compiled vaelab / its run's same-ops loop) / (eager vaelab / its run's same-ops loop), so a drift of
+the machine between the two runs cancels out.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class Alternate(L.Callback):
         images = trainer.datamodule.train_set.images
         lr, batch = pl_module.hparams.lr, trainer.datamodule.batch_size
         same, plain = copy.deepcopy(pl_module.model), copy.deepcopy(pl_module.model)
+        for m in (same, plain):  # with compile=true the app's model holds a compiled elbo_terms bound to itself
+            vars(m).pop("elbo_terms", None)
         self.loops = {  # both start from the app's initial weights
             "same ops": BareLoop(same, images, batch, bernoulli_draw,
                                  adam(list(same.parameters()), lr, hp.weight_decay, hp.fused)),
@@ -148,17 +153,23 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vanilla", "vamp", "deep"], choices=list(MODELS))
     parser.add_argument("--blocks", type=int, default=8, help="counted blocks per side")
     parser.add_argument("--block", type=int, default=50, help="steps per block")
+    parser.add_argument("--compile", action="store_true", help="also measure compile=true and report its gain")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("extra", nargs="*", help="more app overrides, e.g. trainer.precision=bf16-mixed")
     args = parser.parse_args()
     rows = []
     for name in args.models:
-        r = measure(MODELS[name], args.blocks, args.block, args.device, args.extra)
-        rows.append({"model": name, "vaelab images/s": round(r["vaelab"]),
-                     "hand-written images/s": round(r["hand-written"]),
-                     "ratio vs hand-written": round(r["vaelab"] / r["hand-written"], 3),
-                     "same-ops images/s": round(r["same ops"]),
-                     "ratio vs same ops": round(r["vaelab"] / r["same ops"], 3)})
+        r = measure(MODELS[name], args.blocks, args.block, args.device, [*args.extra, "compile=false"])
+        row = {"model": name, "vaelab images/s": round(r["vaelab"]),
+               "hand-written images/s": round(r["hand-written"]),
+               "ratio vs hand-written": round(r["vaelab"] / r["hand-written"], 3),
+               "same-ops images/s": round(r["same ops"]),
+               "ratio vs same ops": round(r["vaelab"] / r["same ops"], 3)}
+        if args.compile:  # the same measurement with compile=true; the gain is judged against each run's bare loop
+            c = measure(MODELS[name], args.blocks, args.block, args.device, [*args.extra, "compile=true"])
+            row["compiled ratio vs same ops"] = round(c["vaelab"] / c["same ops"], 3)
+            row["compile gain"] = round((c["vaelab"] / c["same ops"]) / (r["vaelab"] / r["same ops"]), 3)
+        rows.append(row)
         print(rows[-1], flush=True)
     print()
     table(rows, list(rows[0]))

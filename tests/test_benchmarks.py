@@ -1,0 +1,33 @@
+"""Each benchmark runs from a clone with one command and writes its JSON (tiny sizes here: the figures
+themselves come from full runs, never from tests)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, app_env
+
+SMALL = {
+    "train_throughput": ["--models", "vanilla", "--blocks", "2", "--block", "3"],
+    "eval_throughput": ["--k", "20", "--images", "4"],
+    "data_throughput": ["--batches", "5"],
+    "scaling": ["--steps", "1"],
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_benchmark_runs_and_writes_its_figures(fashion_mnist, tmp_path, name):
+    env = dict(app_env(), VAELAB_BENCH_DIR=str(tmp_path), VAELAB_DATA_DIR=str(fashion_mnist))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmarks" / f"{name}.py"), *SMALL[name]],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads((tmp_path / f"{name}.json").read_text())
+    assert figures["benchmark"] == name and figures["environment"]["torch"]
+    rows = figures.get("rows") or figures.get("results")
+    assert rows, figures
+    if name == "train_throughput":
+        row = rows[0]
+        assert row["vaelab images/s"] > 0 and row["hand-written images/s"] > 0 and row["same-ops images/s"] > 0
+        assert 0 < row["ratio vs same ops"] < 10
