@@ -50,7 +50,7 @@ def test_a_nan_loss_stops_with_one_sentence_and_leaves_the_last_good_checkpoint(
     run_dir, _, proc = train_run("+callbacks.poison._target_=fault_callbacks.PoisonBatch", "+callbacks.poison.step=12",
                                  "trainer.max_epochs=3", f"eval.check_finite_every_n_steps={every}", expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     # a NaN pixel reaches both terms through the encoder
     assert "NaN or infinite in the reconstruction term and KL term at step 12 (epoch 1)" in line and "optim.lr" in line
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # saved after epoch 1, untouched since

@@ -138,7 +138,7 @@ def measure(model_overrides: list[str], blocks: int, block: int, device: str, ex
     accel = "gpu" if device == "cuda" else "cpu"
     steps = (blocks + 1) * block  # one more block than counted: the first is warm-up
     cfg = compose([*model_overrides, f"paths.output_dir={out}", f"trainer.max_steps={steps}", "test=false",
-                   "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", f"trainer.accelerator={accel}",
+                   "trainer.limit_val_batches=0", f"trainer.accelerator={accel}",
                    "+callbacks.alternate._target_=train_throughput.Alternate", f"+callbacks.alternate.block={block}",
                    *extra])
     train(cfg)

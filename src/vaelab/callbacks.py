@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import save_image
@@ -170,3 +171,19 @@ class Throughput(L.Callback):
     def _sync(pl_module) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+
+class ThrottledProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, brought up to date every `every_n_batches` training batches instead of
+    after each one: its per-batch update (the bar, the metrics dict, the logger's version, a redraw request) is
+    work a bare loop does not do. refresh_rate: redraws per second (Lightning's default, 100, keeps a redraw
+    thread busy)."""
+
+    def __init__(self, every_n_batches: int = 25, refresh_rate: int = 2, **kwargs) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+        self.every_n_batches = max(1, int(every_n_batches))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        done = batch_idx + 1
+        if done % self.every_n_batches == 0 or done == self.total_train_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -124,6 +125,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(cfg):
             cfg.logger.wandb.run_id = state["wandb_run_id"]  # continue the same W&B run
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # the bar is configured in callbacks/, switched off here
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for lg in loggers:
         if isinstance(lg, WandbLogger) and rank_zero_only.rank == 0:  # other DDP ranks hold no W&B run

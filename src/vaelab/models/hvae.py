@@ -113,9 +113,9 @@ class HierarchicalVAE(VAEBase):
         recon = -self.likelihood.log_prob(x, self.decoder(zs))  # [B]
         z_top, mu_top, logvar_top = layers[-1]
         kls = []
-        for l, cond_prior in enumerate(self.conditional_priors):
-            _, q_mu, q_logvar = layers[l]
-            p_mu, p_logvar = cond_prior(zs[l + 1])
+        for i, cond_prior in enumerate(self.conditional_priors):
+            _, q_mu, q_logvar = layers[i]
+            p_mu, p_logvar = cond_prior(zs[i + 1])
             kls.append(kl_normal_normal(q_mu, q_logvar, p_mu, p_logvar))  # [B]
         kls.append(self.prior.kl(z_top, mu_top, logvar_top))
         return ElboTerms(recon=recon, kl_layers=torch.stack(kls))
@@ -124,8 +124,8 @@ class HierarchicalVAE(VAEBase):
         layers = self._infer(x, k, noise)  # each z: [k, B, D]
         zs = [z for z, _, _ in layers]
         log_w = self.likelihood.log_prob(x, self.decoder(zs)) + self.prior.log_prob(zs[-1])  # [k, B]
-        for l, cond_prior in enumerate(self.conditional_priors):
-            log_w = log_w + log_normal_diag(zs[l], *cond_prior(zs[l + 1]))
+        for i, cond_prior in enumerate(self.conditional_priors):
+            log_w = log_w + log_normal_diag(zs[i], *cond_prior(zs[i + 1]))
         for z, q_mu, q_logvar in layers:
             log_w = log_w - log_normal_diag(z, q_mu, q_logvar)
         return log_w
