@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import save_image
@@ -187,3 +188,65 @@ class ThrottledProgressBar(RichProgressBar):
         done = batch_idx + 1
         if done % self.every_n_batches == 0 or done == self.total_train_batches:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class LineProgress(ProgressBar):
+    """Progress as plain lines on stdout, one every `every_n_batches` training batches and one per epoch with
+    its metrics: readable in a terminal and in a SLURM log alike, and no redraw thread or per-batch work
+    (in the training benchmark, Rich and tqdm bars cost the vanilla model up to 0.07 of its speed ratio)."""
+
+    KEYS = ("train/loss", "val/loss", "val/kl", "val/active_units")
+
+    def __init__(self, every_n_batches: int = 100) -> None:
+        super().__init__()
+        self.every_n_batches = max(1, int(every_n_batches))
+        self._enabled = True
+        self._epoch_start = 0.0
+        self._images = 0
+        self._finished: tuple[int, float] | None = None  # (epoch, seconds), printed once its metrics are logged
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, trainer: L.Trainer, text: str) -> None:
+        if self._enabled and trainer.is_global_zero:
+            print(text, flush=True)
+
+    def _epoch(self, trainer: L.Trainer, epoch: int) -> str:
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        return f"epoch {epoch + 1}" + (f"/{total}" if total else "")
+
+    def _print_finished(self, trainer: L.Trainer) -> None:
+        """The summary of the epoch that ended: printed at the next epoch's start or at the end of training,
+        since the module logs the epoch's training means after the callbacks' on_train_epoch_end."""
+        if self._finished is None:
+            return
+        epoch, seconds = self._finished
+        self._finished = None
+        metrics = trainer.callback_metrics
+        shown = ", ".join(f"{k} {float(metrics[k]):.2f}" for k in self.KEYS if k in metrics)
+        self._print(trainer, f"{self._epoch(trainer, epoch)} done in {seconds:.1f} s: {shown}")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_finished(trainer)
+        self._epoch_start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self._images += x.shape[0]
+        done = batch_idx + 1
+        if done % self.every_n_batches == 0:
+            rate = self._images * trainer.world_size / max(time.perf_counter() - self._epoch_start, 1e-9)
+            total = self.total_train_batches
+            of = f"/{total}" if isinstance(total, int) else ""
+            self._print(trainer, f"{self._epoch(trainer, trainer.current_epoch)}: batch {done}{of}, "
+                                 f"{rate:,.0f} images/s")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finished = (trainer.current_epoch, time.perf_counter() - self._epoch_start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_finished(trainer)
