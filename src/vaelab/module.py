@@ -132,7 +132,8 @@ class VAEModule(L.LightningModule):
         if self._first_bad is None or self._first_bad.device != bad.device:
             self._first_bad = torch.full((3,), -1, dtype=torch.long, device=bad.device)  # step, recon, kl
         fresh = bad.any() & (self._first_bad[0] < 0)
-        now = torch.cat([torch.tensor([self.global_step], device=bad.device), bad.long()])
+        # torch.full fills on the device; torch.tensor([step], device=cuda) would copy from host memory, a sync
+        now = torch.cat([torch.full((1,), self.global_step, dtype=torch.long, device=bad.device), bad.long()])
         self._first_bad = torch.where(fresh, now, self._first_bad)
 
     def raise_if_nonfinite(self) -> None:
