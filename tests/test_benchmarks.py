@@ -30,3 +30,7 @@ def test_benchmark_runs_and_writes_its_figures(fashion_mnist, tmp_path, name):
         row = rows[0]
         assert row["vaelab images/s"] > 0 and row["hand-written images/s"] > 0 and row["same-ops images/s"] > 0
         assert 0 < row["ratio vs same ops"] < 10
+        # Lightning's floor, from its own run: the ratio and vaelab's cost over it are both real numbers
+        assert 0 < row["lightning floor vs same ops"] < 10 and 0 < row["vaelab vs floor"] < 10
+        expected = row["ratio vs same ops"] / row["lightning floor vs same ops"]
+        assert abs(row["vaelab vs floor"] - expected) < 0.01 * expected + 0.002  # the rounded figures agree

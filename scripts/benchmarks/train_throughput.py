@@ -16,6 +16,11 @@ callback runs `--block` steps of each bare loop, and each side's clock covers on
 block runs from the end of the last bare block to the end of its `--block`-th training step: data fetch,
 hooks, step, logging, all of it). A slow moment of this shared machine then hits both sides alike. The first
 block of each side is warm-up and not counted. Ratio = vaelab images/s / bare images/s; the goal is 0.95.
+A second run puts Lightning's own floor beside it: the same model, objective and Adam in a LightningModule that
+does nothing else, in a Trainer with no loggers, callbacks, progress bar or checkpoints, timed the same way
+against its own same-ops loop. Its ratio is what Lightning's Trainer loop alone costs; vaelab / floor (each
+normalised by its own run's same-ops loop, so a drift of the machine between the two runs cancels out) is
+what vaelab adds on top of it.
 --compile repeats each measurement with compile=true (torch.compile of the training objective) and reports
 its gain: (compiled vaelab / its run's same-ops loop) / (eager vaelab / its run's same-ops loop), so a drift of
 the machine between the two runs cancels out.
@@ -131,20 +136,60 @@ class Alternate(L.Callback):
         return {"vaelab": rate(self.app[:n]), **{k: rate(v[:n]) for k, v in self.bare.items()}}
 
 
-def measure(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]) -> dict:
-    from vaelab.train import train
-
+def _config(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]):
     out = tempfile.mkdtemp(prefix="vaelab-bench-")
     accel = "gpu" if device == "cuda" else "cpu"
     steps = (blocks + 1) * block  # one more block than counted: the first is warm-up
-    cfg = compose([*model_overrides, f"paths.output_dir={out}", f"trainer.max_steps={steps}", "test=false",
-                   "trainer.limit_val_batches=0", f"trainer.accelerator={accel}",
-                   "+callbacks.alternate._target_=train_throughput.Alternate", f"+callbacks.alternate.block={block}",
-                   *extra])
+    return compose([*model_overrides, f"paths.output_dir={out}", f"trainer.max_steps={steps}", "test=false",
+                    "trainer.limit_val_batches=0", f"trainer.accelerator={accel}",
+                    "+callbacks.alternate._target_=train_throughput.Alternate", f"+callbacks.alternate.block={block}",
+                    *extra])
+
+
+def measure(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]) -> dict:
+    """The real app, `vaelab.train.train`, against the bare loops."""
+    from vaelab.train import train
+
+    cfg = _config(model_overrides, blocks, block, device, extra)
     train(cfg)
     import train_throughput  # the module Hydra built the callback from (this file, also when run as a script)
 
     return train_throughput.Alternate.latest.rates(cfg.data.batch_size)
+
+
+class FloorModule(L.LightningModule):
+    """Lightning's floor: the model's -ELBO and vaelab's Adam in a LightningModule, and nothing else."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model.elbo_terms(x).loss.mean()
+
+    def configure_optimizers(self):
+        from vaelab.module import adam
+
+        return adam(list(self.parameters()), self.hparams.lr, self.hparams.weight_decay, self.hparams.fused)
+
+
+def measure_floor(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]) -> dict:
+    """FloorModule in a bare Trainer (same data module, model config, precision and steps) against the bare loops."""
+    from vaelab.runs import build, build_model
+
+    cfg = _config(model_overrides, blocks, block, device, extra)
+    L.seed_everything(cfg.seed)
+    datamodule = build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_model(cfg, datamodule.image_shape)
+    alternate = Alternate(block)
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision,
+                        max_steps=cfg.trainer.max_steps, limit_val_batches=0, logger=False, callbacks=[alternate],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(FloorModule(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.fused), datamodule=datamodule)
+    return alternate.rates(cfg.data.batch_size)
 
 
 def main() -> None:
@@ -165,6 +210,9 @@ def main() -> None:
                "ratio vs hand-written": round(r["vaelab"] / r["hand-written"], 3),
                "same-ops images/s": round(r["same ops"]),
                "ratio vs same ops": round(r["vaelab"] / r["same ops"], 3)}
+        f = measure_floor(MODELS[name], args.blocks, args.block, args.device, args.extra)
+        row["lightning floor vs same ops"] = round(f["vaelab"] / f["same ops"], 3)
+        row["vaelab vs floor"] = round((r["vaelab"] / r["same ops"]) / (f["vaelab"] / f["same ops"]), 3)
         if args.compile:  # the same measurement with compile=true; the gain is judged against each run's bare loop
             c = measure(MODELS[name], args.blocks, args.block, args.device, [*args.extra, "compile=true"])
             row["compiled ratio vs same ops"] = round(c["vaelab"] / c["same ops"], 3)
