@@ -99,7 +99,7 @@ class Alternate(L.Callback):
         Alternate.latest = self
         hp = pl_module.hparams
         images = trainer.datamodule.train_set.images
-        lr, batch = pl_module.hparams.lr, trainer.datamodule.batch_size
+        lr, batch = hp.lr, trainer.datamodule.batch_size
         same, plain = copy.deepcopy(pl_module.model), copy.deepcopy(pl_module.model)
         for m in (same, plain):  # with compile=true the app's model holds a compiled elbo_terms bound to itself
             vars(m).pop("elbo_terms", None)

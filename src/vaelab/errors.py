@@ -1,5 +1,7 @@
 """Errors meant for people: each message names the problem and the fix in one sentence."""
 
+import sys
+
 
 class VaelabError(Exception):
     """An error the user can fix; the entry points print its message alone, without a traceback."""
@@ -23,8 +25,6 @@ class NonFiniteLossError(VaelabError):
 
 def run_or_explain(fn, *args):
     """Run an entry point's body; a VaelabError ends the process with its one sentence, no traceback."""
-    import sys
-
     try:
         return fn(*args)
     except VaelabError as exc:
