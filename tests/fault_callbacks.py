@@ -6,6 +6,8 @@ import os
 import lightning as L
 import torch
 
+from vaelab.engine import batch_counts
+
 
 class SignalAt(L.Callback):
     """Send a real signal to the main process when training reaches `step`, as `kill <pid>` would (under DDP
@@ -15,7 +17,8 @@ class SignalAt(L.Callback):
         self.step, self.signum = step, signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and trainer.is_global_zero:
+        steps = batch_counts(batch, pl_module)[0]  # a batch may be an execution of several optimiser steps
+        if trainer.global_step <= self.step < trainer.global_step + steps and trainer.is_global_zero:
             os.kill(os.getpid(), self.signum)
 
 
@@ -26,5 +29,7 @@ class PoisonBatch(L.Callback):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            batch[0, 0, 0, 0] = torch.nan
+        steps = batch_counts(batch, pl_module)[0]
+        if trainer.global_step <= self.step < trainer.global_step + steps:
+            images = batch[self.step - trainer.global_step] if batch.dim() == 5 else batch  # that step's images
+            images[0, 0, 0, 0] = torch.nan

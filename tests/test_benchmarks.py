@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, app_env
 
 SMALL = {
-    "train_throughput": ["--models", "vanilla", "--blocks", "2", "--block", "3"],
+    "train_throughput": ["--models", "vanilla", "--blocks", "2", "--block", "10"],
     "eval_throughput": ["--k", "20", "--images", "4"],
     "data_throughput": ["--batches", "5"],
     "scaling": ["--steps", "1"],

@@ -14,17 +14,19 @@ RESUMABLE = [*TINY, "data.subset=3000", "data.batch_size=50", "trainer.max_epoch
              "eval.importance_samples=16", "callbacks.image_grids.every_n_epochs=10"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preempted_run_resumes_to_the_same_result(tmp_path, fashion_mnist, signum):
+# (signal, steps per execution, the step the run stops at): a signal during step 95 stops the run at the end
+# of that step, or of the execution holding it (steps 90..99 with 10 steps per execution)
+@pytest.mark.parametrize("signum,steps,stop", [(signal.SIGTERM, 1, 96), (signal.SIGUSR1, 10, 100)])
+def test_preempted_run_resumes_to_the_same_result(tmp_path, fashion_mnist, signum, steps, stop):
     logs = tmp_path / "outputs"
     kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=95",
-            f"+callbacks.kill.signum={int(signum)}"]
+            f"+callbacks.kill.signum={int(signum)}", f"trainer.steps_per_execution={steps}"]
     proc = run_app(*RESUMABLE, *kill, f"paths.log_dir={logs}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Run the same command with resume=auto to continue" in proc.stdout
     (run_dir,) = (logs / "train").iterdir()
     stopped = json.loads((run_dir / "results.json").read_text())
-    assert stopped["status"] == "preempted" and stopped["epoch"] == 1 and stopped["global_step"] == 96
+    assert stopped["status"] == "preempted" and stopped["epoch"] == 1 and stopped["global_step"] == stop
     assert stopped["signal"] == signal.Signals(signum).name
     first_id = json.loads((run_dir / "run_state.json").read_text())["wandb_run_id"]
 
@@ -35,7 +37,7 @@ def test_preempted_run_resumes_to_the_same_result(tmp_path, fashion_mnist, signu
     assert res["status"] == "finished" and res["epochs"] == 3 and res["global_step"] == 180
     assert res["preemptions"] == 1 and res["wandb"]["id"] == first_id
 
-    whole = run_app(*RESUMABLE, f"paths.log_dir={tmp_path / 'whole'}")
+    whole = run_app(*RESUMABLE, f"trainer.steps_per_execution={steps}", f"paths.log_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     (whole_dir,) = (tmp_path / "whole" / "train").iterdir()
     ref = json.loads((whole_dir / "results.json").read_text())

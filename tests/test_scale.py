@@ -35,7 +35,8 @@ def test_ddp_run_survives_preemption(tmp_path, fashion_mnist):
     logs = tmp_path / "outputs"
     kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=5",
             f"+callbacks.kill.signum={int(signal.SIGTERM)}",
-            "callbacks.preemption.check_every_n_steps=2"]  # ranks agree every 2 steps (default 10)
+            "callbacks.preemption.check_every_n_steps=2",  # ranks agree every 2 steps (default 10)
+            "trainer.steps_per_execution=1"]  # (with more, a run stops at the end of an execution)
     first = run_app(*DDP, *kill, f"paths.log_dir={logs}")
     assert first.returncode == 0, first.stderr[-4000:]
     (run_dir,) = (logs / "train").iterdir()

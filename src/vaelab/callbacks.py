@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchvision.utils import save_image
 
+from vaelab.engine import batch_counts
 from vaelab.sampling import all_grids
 
 
@@ -82,6 +83,7 @@ class Preemption(L.Callback):
         self.check_every_n_steps = max(1, check_every_n_steps)  # DDP: how often ranks agree (one collective)
         self.signal_name: str | None = None
         self._previous: dict = {}
+        self._agreed_at = 0  # global step of the ranks' last agreement
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Take over SIGTERM and SIGUSR1 once Lightning has set its own handlers: ours only raise a flag. The
@@ -100,8 +102,9 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = self.signal_name is not None
         if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
-            if trainer.global_step % self.check_every_n_steps:  # steps done, this one included
+            if trainer.global_step - self._agreed_at < self.check_every_n_steps:  # the same on every rank
                 return
+            self._agreed_at = trainer.global_step
             flag = torch.tensor([1.0 if stop else 0.0], device=pl_module.device)
             stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
         if not stop:
@@ -136,28 +139,30 @@ class Preempted(SystemExit):
 
 
 class Throughput(L.Callback):
-    """Training images per second, from the `skip`-th batch of each epoch to its last training batch
-    (start-up, validation and checkpointing excluded), logged as perf/train_images_per_s. Two clock reads per
-    batch and, on a GPU, one synchronisation per epoch: it costs nothing measurable."""
+    """Training images per second, from the first batch that starts after `skip` optimiser steps of each epoch
+    to its last training batch (start-up, validation and checkpointing excluded), logged as
+    perf/train_images_per_s. Two clock reads per batch and, on a GPU, two synchronisations per epoch: it costs
+    nothing measurable."""
 
     def __init__(self, skip: int = 10) -> None:
         self.skip = skip
         self._start: float | None = None
         self._last: float | None = None
-        self._images = 0
+        self._images = self._steps = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._last, self._images = None, None, 0
+        self._start, self._last, self._images, self._steps = None, None, 0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.skip:
+        if self._start is None and self._steps >= self.skip:
             self._sync(pl_module)
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        steps, images = batch_counts(batch, pl_module)  # a batch may be an execution of several steps
+        self._steps += steps
         if self._start is not None:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            self._images += x.shape[0]
+            self._images += images
             last = batch_idx + 1 >= trainer.num_training_batches or trainer.global_step >= trainer.max_steps > 0
             if last:
                 self._sync(pl_module)
@@ -202,7 +207,7 @@ class LineProgress(ProgressBar):
         self.every_n_batches = max(1, int(every_n_batches))
         self._enabled = True
         self._epoch_start = 0.0
-        self._images = 0
+        self._images = self._steps = 0
         self._finished: tuple[int, float] | None = None  # (epoch, seconds), printed once its metrics are logged
 
     def disable(self) -> None:
@@ -232,17 +237,17 @@ class LineProgress(ProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_finished(trainer)
-        self._epoch_start, self._images = time.perf_counter(), 0
+        self._epoch_start, self._images, self._steps = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self._images += x.shape[0]
-        done = batch_idx + 1
-        if done % self.every_n_batches == 0:
+        steps, images = batch_counts(batch, pl_module)  # a training batch may be an execution of several steps
+        before = self._steps
+        self._images, self._steps = self._images + images, self._steps + steps
+        if before // self.every_n_batches != self._steps // self.every_n_batches:
             rate = self._images * trainer.world_size / max(time.perf_counter() - self._epoch_start, 1e-9)
-            total = self.total_train_batches
+            total = getattr(pl_module, "steps_per_epoch", self.total_train_batches)
             of = f"/{total}" if isinstance(total, int) else ""
-            self._print(trainer, f"{self._epoch(trainer, trainer.current_epoch)}: batch {done}{of}, "
+            self._print(trainer, f"{self._epoch(trainer, trainer.current_epoch)}: batch {self._steps}{of}, "
                                  f"{rate:,.0f} images/s")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

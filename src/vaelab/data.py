@@ -132,22 +132,29 @@ class InMemoryImages(Dataset):
 
 
 class InMemoryLoader:
-    """Batches of an in-memory data set, by indexing, that a run can stop and resume between any two batches.
+    """Batches of an in-memory data set, by indexing, that a run can stop and resume between any two of them.
 
     The order of epoch e is a permutation drawn from (seed, e), dynamic binarisation of batch b from
     (seed, e, b), and each DDP rank takes its own slice (evaluation sets are split without padding, so no
     image counts twice). Lightning saves `state_dict()` in checkpoints and hands it back on resume, so a
     resumed run sees exactly the batches an uninterrupted one would have.
+
+    steps_per_execution: None (evaluation) yields one batch [B, C, H, W] at a time. A number (training) yields
+    executions: up to that many consecutive batches stacked, [n, B, C, H, W], for the n optimiser steps of one
+    Lightning step; a short last batch comes alone. With `indices_on`, an execution is the batches' image
+    indices [n, B] on that device instead, and the step engine cuts and binarises the images there.
     """
 
     def __init__(self, dataset: InMemoryImages, batch_size: int, shuffle: bool = False,
                  dynamic_binarize: bool = False, seed: int = 0, with_index: bool = False,
-                 rank: int = 0, world_size: int = 1, epoch_fn=None, position_fn=None) -> None:
+                 rank: int = 0, world_size: int = 1, epoch_fn=None, position_fn=None,
+                 steps_per_execution: int | None = None, indices_on: torch.device | None = None) -> None:
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.dynamic_binarize, self.seed, self.with_index = dynamic_binarize, seed, with_index
         self.rank, self.world_size = rank, world_size
         self.epoch_fn = epoch_fn or (lambda: 0)
-        self.position_fn = position_fn  # batches of this epoch consumed so far, as the trainer counts them
+        self.position_fn = position_fn  # items (batches or executions) of this epoch consumed, as the trainer counts
+        self.steps, self.indices_on = steps_per_execution, indices_on
         self._resume: dict | None = None
         self._epoch, self._yielded = 0, 0
 
@@ -159,28 +166,61 @@ class InMemoryLoader:
         per_rank = -(-n // self.world_size)
         return torch.arange(n)[self.rank * per_rank : (self.rank + 1) * per_rank]  # contiguous, unpadded
 
-    def __len__(self) -> int:
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch (optimiser steps, when training)."""
         return -(-len(self._indices(0)) // self.batch_size)
+
+    def _groups(self) -> list[tuple[int, int]]:
+        """(first batch, number of batches) of each item: single batches, or executions of `steps` full
+        batches (the last one shorter) followed by a short last batch alone."""
+        if self.steps is None:
+            return [(b, 1) for b in range(self.num_batches)]
+        full = len(self._indices(0)) // self.batch_size
+        groups = [(b, min(self.steps, full - b)) for b in range(0, full, self.steps)]
+        return groups + [(full, 1)] if full < self.num_batches else groups
+
+    def __len__(self) -> int:
+        return len(self._groups())
+
+    def _batch(self, indices: Tensor, epoch: int, b: int) -> Tensor:
+        x = self.dataset.__getitems__(indices[b * self.batch_size : (b + 1) * self.batch_size])
+        if self.dynamic_binarize:  # a fresh draw per batch, reproducible from (seed, epoch, batch)
+            g = torch.Generator(device=x.device).manual_seed(((self.seed * 100_003 + epoch) * 1_000_003 + b) % 2**63)
+            x = bernoulli_draw(x, g)
+        return x
 
     def __iter__(self):
         self._epoch = epoch = int(self.epoch_fn())
         start = 0
         if self._resume is not None and self._resume.get("epoch") == epoch:
             start = int(self._resume.get("position", 0))
+            saved = self._resume.get("steps_per_execution", 1)
+            if self.steps is not None and saved != self.steps:
+                raise ConfigError(f"this run was trained with trainer.steps_per_execution={saved}; resume it with "
+                                  f"that value (its checkpoint stopped inside an epoch), got {self.steps}")
         self._resume = None
         indices = self._indices(epoch)
-        for b in range(start, len(self)):
-            self._yielded = b + 1
-            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.dataset.__getitems__(idx)
-            if self.dynamic_binarize:  # a fresh draw per batch, reproducible from (seed, epoch, batch)
-                g = torch.Generator(device=x.device).manual_seed(((self.seed * 100_003 + epoch) * 1_000_003 + b) % 2**63)
-                x = bernoulli_draw(x, g)
-            yield (x, idx) if self.with_index else x
+        if self.indices_on is not None:
+            indices = indices.to(self.indices_on)  # once per epoch; batches are then views of it
+        groups = self._groups()
+        for item in range(start, len(groups)):
+            self._yielded = item + 1
+            b, count = groups[item]
+            if self.steps is None:
+                idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+                x = self._batch(indices, epoch, b)
+                yield (x, idx) if self.with_index else x
+            elif self.indices_on is not None:
+                yield indices[b * self.batch_size : (b + count) * self.batch_size].view(count, -1)
+            elif count == 1:
+                yield self._batch(indices, epoch, b).unsqueeze(0)
+            else:
+                yield torch.stack([self._batch(indices, epoch, c) for c in range(b, b + count)])
 
     def state_dict(self) -> dict:
         position = self.position_fn() if self.position_fn is not None else self._yielded
-        return {"epoch": self._epoch, "position": int(position)}
+        return {"epoch": self._epoch, "position": int(position), "steps_per_execution": self.steps or 1}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state)
@@ -204,7 +244,8 @@ class ImageDataModule(L.LightningDataModule):
     binarize: none (grey-scale in [0, 1]) | static (one fixed Bernoulli draw) | dynamic (a fresh draw per
     training batch; validation and test are drawn once with a fixed seed so they stay comparable).
     subset: cap every split at this many images, for small fast runs.
-    device: keep the images on this device (e.g. cuda: all of Fashion-MNIST is 47 MB) instead of host memory.
+    device: keep the images on this device (e.g. cuda: all of Fashion-MNIST is 47 MB) instead of host memory;
+        auto: on the trainer's device when that is a GPU, else in host memory.
     """
 
     def __init__(
@@ -219,7 +260,7 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: int = 0,
         download: bool = True,
         seed: int = 0,
-        device: str | None = None,
+        device: str | None = "auto",
     ) -> None:
         super().__init__()
         if name not in SOURCES:
@@ -255,8 +296,18 @@ class ImageDataModule(L.LightningDataModule):
         return load_images(self.name, self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        if self.train_set is None:
+            self._build()
+        device = self.device
+        if device == "auto":  # the trainer's GPU, once a trainer is attached; host memory otherwise
+            trainer = getattr(self, "trainer", None)
+            root = trainer.strategy.root_device if trainer is not None else None
+            device = root if root is not None and root.type == "cuda" else None
+        if device is not None:  # a GPU-resident data set: batches are cut where the model runs, nothing crosses the bus
+            for split in (self.train_set, self.val_set, self.test_set):
+                split.images = split.images.to(device)
+
+    def _build(self) -> None:
         train_all, test = (torch.from_numpy(np.ascontiguousarray(a)) for a in self._raw())
         if self.val_size >= train_all.shape[0]:
             raise ConfigError(
@@ -275,8 +326,6 @@ class ImageDataModule(L.LightningDataModule):
             train = _binarize(train, self.split_seed + 1)
         if self.is_binary:  # evaluation sets are binarised once, with a fixed seed
             val, test = _binarize(val, self.split_seed + 2), _binarize(test, self.split_seed + 3)
-        if self.device:  # a GPU-resident data set: batches are cut where the model runs, nothing crosses the bus
-            train, val, test = train.to(self.device), val.to(self.device), test.to(self.device)
         self.train_set, self.val_set, self.test_set = InMemoryImages(train), InMemoryImages(val), InMemoryImages(test)
 
     def train_images(self) -> Tensor:
@@ -295,14 +344,24 @@ class ImageDataModule(L.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> InMemoryLoader:
+        """Executions of the module's `execution_plan` (steps per execution, and whether to hand over image
+        indices on the device instead of images); one batch per step when the module has no plan."""
         rank, world = self._distributed()
         trainer = self.trainer
+        plan = getattr(trainer.lightning_module, "execution_plan", None) if trainer else None
         return InMemoryLoader(
             self.train_set, self.batch_size, shuffle=True, dynamic_binarize=self.binarize == "dynamic",
             seed=self.seed, rank=rank, world_size=world,
             epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
             position_fn=(lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer else None,
+            steps_per_execution=getattr(plan, "steps", None), indices_on=getattr(plan, "indices_on", None),
         )
+
+    def train_batch(self, indices: Tensor) -> Tensor:
+        """Training images at these indices, as floats, binarised afresh (default generator) when
+        binarize=dynamic: what the step engine cuts on the device, inside a CUDA graph too."""
+        x = self.train_set.__getitems__(indices)
+        return bernoulli_draw(x) if self.binarize == "dynamic" else x
 
     def val_dataloader(self) -> InMemoryLoader:
         rank, world = self._distributed()

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from vaelab.engine import matmul_precision
 from vaelab.errors import ConfigError, run_or_explain
 from vaelab.metrics import ActiveUnits, ElboMeans, ImportanceSampledNLL, bits_per_dim, importance_log_weights
 from vaelab.runs import restore
@@ -28,7 +29,7 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model, loader, importance_samples: int, points_per_pass: int, device: torch.device,
+def evaluate(model, loader, importance_samples: int, points_per_pass: int | str, device: torch.device,
              seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Every test metric over a loader, as sums that a DDP run would reduce the same way."""
     nll, means = ImportanceSampledNLL().to(device), ElboMeans(len(model.latent_dims)).to(device)
@@ -61,8 +62,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.split == "val":  # key the importance samples by image index on the validation set too
         loader.with_index = True
     device = pick_device(cfg.device)
+    torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"), device.type))
     t0 = time.perf_counter()
-    metrics = evaluate(model, loader, int(cfg.importance_samples), int(cfg.points_per_pass), device,
+    metrics = evaluate(model, loader, int(cfg.importance_samples), cfg.points_per_pass, device,
                        seed=int(cfg.importance_seed))
     results = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),

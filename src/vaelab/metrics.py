@@ -11,19 +11,38 @@ from torchmetrics import Metric
 _M32 = 0xFFFFFFFF
 
 
-def _fmix32(x: Tensor) -> Tensor:
-    """MurmurHash3's finaliser on int64 tensors holding 32-bit values (products wrap; the mask keeps 32 bits)."""
-    x = x ^ (x >> 16)
+def _fmix32_int(x: int) -> int:
+    """MurmurHash3's 32-bit finaliser on a Python int."""
+    x ^= x >> 16
     x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
+    x ^= x >> 13
     x = (x * 0xC2B2AE35) & _M32
     return x ^ (x >> 16)
 
 
-def _uniform(counter: Tensor, seed: int) -> Tensor:
-    h = _fmix32((counter & _M32) ^ _fmix32(torch.tensor(seed & _M32, device=counter.device)))
-    h = _fmix32(h ^ ((counter >> 32) & _M32))
-    return (h.double() + 0.5) / 2.0**32  # in (0, 1)
+def _signed32(c: int) -> int:
+    return c - 2**32 if c >= 2**31 else c
+
+
+_C1, _C2 = _signed32(0x85EBCA6B), _signed32(0xC2B2AE35)
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """MurmurHash3's finaliser on int32 tensors holding the bits of unsigned 32-bit values: products wrap
+    modulo 2^32 as unsigned ones do, and the masks make the right shifts logical (int32 halves the memory
+    traffic of an int64 version; the values are the same bit for bit)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _C1
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    x = x * _C2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _uniform(lo: Tensor, hi: Tensor, seed_hash: int) -> Tensor:
+    """A uniform in (0, 1), float64, from the 64-bit counter hi * 2^32 + lo and the seed."""
+    h = _fmix32(_fmix32(lo ^ _signed32(seed_hash)) ^ hi).double()
+    h = torch.where(h < 0, h + 2.0**32, h)  # the unsigned value of the bits
+    return (h + 0.5) / 2.0**32
 
 
 def counter_normal(seed: int, index: Tensor, first_sample: int, k: int, dim: int) -> Tensor:
@@ -35,16 +54,32 @@ def counter_normal(seed: int, index: Tensor, first_sample: int, k: int, dim: int
     i = index.long()[None, :, None]
     d = torch.arange(dim, device=device)[None, None, :]
     counter = ((i * 2**24 + s) * dim + d) * 2  # [k, B, dim]; distinct for < 2^20 images, < 2^24 samples
-    u1, u2 = _uniform(counter, seed), _uniform(counter + 1, seed)
+    lo, hi = (counter & _M32).to(torch.int32), (counter >> 32).to(torch.int32)  # the counter's two halves
+    seed_hash = _fmix32_int(seed & _M32)
+    u1, u2 = _uniform(lo, hi, seed_hash), _uniform(lo + 1, hi, seed_hash)  # counter + 1: lo is even, no carry
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
 
 
-def importance_log_weights(model, x: Tensor, k: int, points_per_pass: int = 5_000,
+# (sample, image) pairs per decoder pass with points_per_pass="auto": on a CPU larger passes gain nothing; on a
+# GPU small passes leave it launch-bound (5,000 points made the batched estimator slower than a per-image loop
+# on an H200), and 200,000 points of a 784-pixel MLP decoder take about 2.5 GB of activations.
+AUTO_POINTS_PER_PASS = {"cpu": 5_000, "cuda": 200_000}
+
+
+def points_per_pass_for(points_per_pass: int | str, device: torch.device) -> int:
+    """eval.importance_points_per_pass as a number: "auto" picks by device (AUTO_POINTS_PER_PASS)."""
+    if points_per_pass == "auto":
+        return AUTO_POINTS_PER_PASS.get(device.type, AUTO_POINTS_PER_PASS["cuda"])
+    return int(points_per_pass)
+
+
+def importance_log_weights(model, x: Tensor, k: int, points_per_pass: int | str = "auto",
                            index: Tensor | None = None, seed: int = 0) -> Tensor:
     """All k importance log-weights for a batch, [k, B], computed in chunks of samples so that one pass
     through the decoder holds at most `points_per_pass` (sample, image) pairs: batched over images and
     samples alike, never a Python loop over images. With `index` (each image's position in its data set),
     the samples are common random numbers keyed by (seed, index): reproducible across batchings and DDP."""
+    points_per_pass = points_per_pass_for(points_per_pass, x.device)
     chunk = max(1, min(k, points_per_pass // max(1, x.shape[0])))
     dim = sum(model.latent_dims)
     out = []
@@ -67,10 +102,11 @@ class ElboMeans(Metric):
         self.add_state("total", default=torch.zeros(1 + num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, recon: Tensor, kl_layers: Tensor) -> None:
-        """recon: [B]; kl_layers: [L, B]."""
+    def update(self, recon: Tensor, kl_layers: Tensor, count: int | None = None) -> None:
+        """recon: [B]; kl_layers: [L, B], one value per example. With `count`, they are instead sums over
+        `count` examples in all, one per optimiser step (the step engine's rows): recon [n], kl_layers [L, n]."""
         self.total += torch.cat([recon.detach().sum(0, keepdim=True), kl_layers.detach().sum(1)]).double()
-        self.count += recon.shape[0]
+        self.count += recon.shape[0] if count is None else count
 
     def compute(self) -> dict[str, Tensor]:
         mean = (self.total / self.count).float()

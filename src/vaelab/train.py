@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.callbacks import Preempted
 from vaelab.checkpoints import check_weights, load_checkpoint, model_state
+from vaelab.engine import matmul_precision
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.loggers import log_checkpoints_offline, wandb_run_dir
 from vaelab.module import KL_DESCRIPTION, VAEModule
@@ -103,7 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"),
+                                                        str(cfg.trainer.get("accelerator", "auto"))))
     ckpt_path = resume_from(cfg, out_dir)
     state = _run_state(out_dir) if ckpt_path else {"train_time_s": 0.0, "preemptions": 0, "wandb_run_id": None}
 
@@ -117,7 +119,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path:  # refuse a broken or foreign checkpoint before anything starts
         check_weights(model, model_state(load_checkpoint(ckpt_path)), ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    module = VAEModule(model, run_config=run_config, **cfg.loss, **cfg.optim, **cfg.eval)
+    trainer_cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                                    if k != "steps_per_execution"})  # vaelab's key, not a Trainer argument
+    module = VAEModule(model, run_config=run_config, steps_per_execution=cfg.trainer.get("steps_per_execution", 1),
+                       cuda_graphs=cfg.get("cuda_graphs", "auto"), **cfg.loss, **cfg.optim, **cfg.eval)
     if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
         model.elbo_terms = torch.compile(model.elbo_terms)
 
@@ -135,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 {"kl_estimator": KL_DESCRIPTION[model.prior.analytic_kl]}, allow_val_change=True)
             state["wandb_run_id"] = lg.experiment.id
     try:
-        trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers)
+        trainer: L.Trainer = build(trainer_cfg, callbacks=callbacks, logger=loggers)
     except InstantiationException as exc:
         if not isinstance(exc.__cause__, (MisconfigurationException, ValueError, TypeError)):
             raise

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab.errors import ConfigError
 
-_INT, _NUM = "an integer", "a number"
+_INT, _NUM, _INT_OR_AUTO = "an integer", "a number", "auto or an integer"
 # key: (kind, minimum, strictly greater?, or a tuple of allowed values); a key absent from the config is skipped
 RULES: dict[str, tuple] = {
     "seed": (_INT, 0, False),
@@ -20,7 +20,7 @@ RULES: dict[str, tuple] = {
     "loss.warmup_epochs": (_NUM, 0, False),
     "loss.free_bits": (_NUM, 0, False),
     "eval.importance_samples": (_INT, 0, True),
-    "eval.importance_points_per_pass": (_INT, 0, True),
+    "eval.importance_points_per_pass": (_INT_OR_AUTO, 0, True),
     "eval.check_finite_every_n_steps": (_INT, 1, False),
     "data.batch_size": (_INT, 0, True),
     "data.eval_batch_size": (_INT, 0, True),
@@ -40,6 +40,9 @@ RULES: dict[str, tuple] = {
     "likelihood.mean_activation": ("sigmoid", "identity"),
     "logger.wandb.mode": ("auto", "online", "offline", "disabled"),
     "trainer.max_epochs": (_INT, 1, False),
+    "trainer.steps_per_execution": (_INT_OR_AUTO, 1, False),
+    "cuda_graphs": ("auto", True, False),
+    "matmul_precision": ("auto", "highest", "high", "medium"),
     "resume": (None, "auto"),
 }
 NULLABLE = {"data.subset", "trainer.max_epochs", "eval.check_finite_every_n_steps"}
@@ -48,14 +51,16 @@ NULLABLE = {"data.subset", "trainer.max_epochs", "eval.check_finite_every_n_step
 def _check(key: str, value, rule: tuple) -> None:
     if value is None and key in NULLABLE:
         return
-    if rule and rule[0] not in (_INT, _NUM):
+    if rule and rule[0] == _INT_OR_AUTO and value == "auto":
+        return
+    if rule and rule[0] not in (_INT, _NUM, _INT_OR_AUTO):
         if value not in rule:
             allowed = ", ".join("null" if v is None else str(v) for v in rule)
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
         return
     kind, low, strict = rule
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_number or (kind == _INT and not float(value).is_integer()):
+    if not is_number or (kind != _NUM and not float(value).is_integer()):
         raise ConfigError(f"{key} must be {kind}, got {value!r}")
     if value < low or (strict and value == low):
         bound = f"greater than {low}" if strict else f"at least {low}"
