@@ -37,11 +37,19 @@ def fashion_mnist() -> Path:
     return DATA_DIR
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test workers on two cores: one torch thread each, no oversubscription
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def app_env() -> dict:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0",
                PYTHONUNBUFFERED="1", VAELAB_DATA_DIR=str(DATA_DIR),
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
     env.pop("WANDB_API_KEY", None)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

@@ -2,6 +2,7 @@
 real fault at a chosen step, so tests need no timing luck."""
 
 import os
+import signal
 
 import lightning as L
 import torch
@@ -33,3 +34,15 @@ class PoisonBatch(L.Callback):
         if trainer.global_step <= self.step < trainer.global_step + steps:
             images = batch[self.step - trainer.global_step] if batch.dim() == 5 else batch  # that step's images
             images[0, 0, 0, 0] = torch.nan
+
+
+class FreezeAt(L.Callback):
+    """Freeze (SIGSTOP) the process of DDP rank `rank` when training reaches `step`: a hung process or node."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        steps = batch_counts(batch, pl_module)[0]
+        if trainer.global_rank == self.rank and trainer.global_step <= self.step < trainer.global_step + steps:
+            os.kill(os.getpid(), signal.SIGSTOP)

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,24 @@ def test_bernoulli_draw_matches_torch_bernoulli_draw_for_draw_on_cpu():
     p = torch.rand(100, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     ours = bernoulli_draw(p, torch.Generator().manual_seed(11))
     assert torch.equal(ours, torch.bernoulli(p, generator=torch.Generator().manual_seed(11)))
+
+
+def test_a_damaged_idx_file_is_rebuilt_from_debian_or_named_in_one_sentence(fashion_mnist, tmp_path, caplog):
+    import shutil
+
+    from vaelab.data import load_images
+    from vaelab.errors import DataError
+
+    shutil.copytree(fashion_mnist / "FashionMNIST" / "raw", tmp_path / "FashionMNIST" / "raw")
+    images = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:100_000])  # a truncated copy
+    if Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        train, _ = load_images("fashion_mnist", tmp_path, download=False)
+        assert train.shape == (60000, 1, 28, 28) and "is damaged (100,000 bytes" in caplog.text
+    raw = tmp_path / "MNIST" / "raw"  # no Debian package for MNIST: the damaged file is named, with the fix
+    shutil.copytree(fashion_mnist / "FashionMNIST" / "raw", raw)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes((raw / "t10k-labels-idx1-ubyte").read_bytes()[:58])
+    with pytest.raises(DataError) as err:
+        load_images("mnist", tmp_path, download=False)
+    assert str(err.value) == (f"{raw / 't10k-labels-idx1-ubyte'} is damaged (58 bytes where its header promises "
+                              "10,008); delete it and run once online with data.download=true, to fetch it again")

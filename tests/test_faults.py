@@ -14,10 +14,25 @@ RESUMABLE = [*TINY, "data.subset=3000", "data.batch_size=50", "trainer.max_epoch
              "eval.importance_samples=16", "callbacks.image_grids.every_n_epochs=10"]
 
 
+_UNINTERRUPTED: dict = {}
+
+
+def uninterrupted(tmp_path_factory) -> dict:
+    """results.json of the run the preemption tests stop, run once without a stop (per test process)."""
+    if not _UNINTERRUPTED:
+        logs = tmp_path_factory.mktemp("whole")
+        whole = run_app(*RESUMABLE, f"paths.log_dir={logs}")
+        assert whole.returncode == 0, whole.stderr[-3000:]
+        (whole_dir,) = (logs / "train").iterdir()
+        _UNINTERRUPTED.update(json.loads((whole_dir / "results.json").read_text()))
+    return _UNINTERRUPTED
+
+
 # (signal, steps per execution, the step the run stops at): a signal during step 95 stops the run at the end
 # of that step, or of the execution holding it (steps 90..99 with 10 steps per execution)
-@pytest.mark.parametrize("signum,steps,stop", [(signal.SIGTERM, 1, 96), (signal.SIGUSR1, 10, 100)])
-def test_preempted_run_resumes_to_the_same_result(tmp_path, fashion_mnist, signum, steps, stop):
+@pytest.mark.parametrize("signum,steps,stop", [(signal.SIGTERM, 1, 96), (signal.SIGUSR1, 10, 100),
+                                               (signal.SIGUSR2, 10, 100), (signal.SIGINT, 10, 100)])
+def test_preempted_run_resumes_to_the_same_result(tmp_path, tmp_path_factory, fashion_mnist, signum, steps, stop):
     logs = tmp_path / "outputs"
     kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=95",
             f"+callbacks.kill.signum={int(signum)}", f"trainer.steps_per_execution={steps}"]
@@ -37,10 +52,7 @@ def test_preempted_run_resumes_to_the_same_result(tmp_path, fashion_mnist, signu
     assert res["status"] == "finished" and res["epochs"] == 3 and res["global_step"] == 180
     assert res["preemptions"] == 1 and res["wandb"]["id"] == first_id
 
-    whole = run_app(*RESUMABLE, f"trainer.steps_per_execution={steps}", f"paths.log_dir={tmp_path / 'whole'}")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    (whole_dir,) = (tmp_path / "whole" / "train").iterdir()
-    ref = json.loads((whole_dir / "results.json").read_text())
+    ref = uninterrupted(tmp_path_factory)  # the same with 1 or 10 steps per execution (test_steps_per_execution)
     for key in ("val/loss", "test/nll", "test/elbo", "train/loss"):
         assert res["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5), key
     rows = (run_dir / "metrics.csv").read_text().splitlines()
@@ -99,6 +111,11 @@ BAD = [  # (override, words the one-line error must contain)
     ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
     ("optim.fused=sometimes", "optim.fused must be one of True, False, got 'sometimes'"),
     ("loss.beta=-1", "loss.beta must be at least 0"),
+    ("loss.beta=nan", "loss.beta must be a finite number, got nan"),
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("model.hidden_dim=1000000000", "the model is too large for this machine's memory (model.hidden_dim=1000000000"),
+    ("trainer.steps_per_execution=0", "trainer.steps_per_execution must be at least 1, got 0"),
+    ("cuda_graphs=maybe", "cuda_graphs must be one of auto, True, False, got 'maybe'"),
     ("loss.warmup_epochs=-2", "loss.warmup_epochs must be at least 0"),
     ("loss.free_bits=-0.5", "loss.free_bits must be at least 0"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be at least 1"),
@@ -137,3 +154,21 @@ def test_the_wandb_api_key_is_written_nowhere(train_run, monkeypatch):
     run_dir, _, _ = train_run("trainer.max_epochs=1")
     leaks = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+def test_a_one_image_data_set_trains_and_draws_its_grids(train_run):
+    run_dir, res, _ = train_run("data.subset=1", "data.batch_size=1", "trainer.max_epochs=1")
+    assert res["status"] == "finished"
+    names = {p.name for p in (run_dir / "samples").iterdir()}
+    assert {"samples_final.png", "reconstructions_final.png", "traversals_final.png"} <= names
+    assert not any(n.startswith("interpolations") for n in names)  # one image: nothing to interpolate between
+
+
+def test_vaelab_eval_refuses_an_override_it_would_ignore(train_run):
+    run_dir, _, _ = train_run("trainer.max_epochs=1", "logger=csv")
+    proc = run_app("+model=deep", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "importance_samples=4",
+                   module="vaelab.evaluate")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: vaelab-eval rebuilds the model, prior, likelihood and data from the checkpoint's own config, "
+        "so model is not among its options")

@@ -7,6 +7,8 @@ import pytest
 import wandb_files
 from conftest import TINY, run_app
 
+from vaelab.checkpoints import load_checkpoint
+
 DDP = [*TINY, "trainer=ddp_cpu", "trainer.devices=2", "data.subset=400", "data.batch_size=50",
        "trainer.max_epochs=2", "eval.importance_samples=16"]
 
@@ -85,3 +87,20 @@ def test_optuna_sweeper_minimises_the_returned_metric(tmp_path, fashion_mnist):
     assert best["best_value"] == pytest.approx(min(losses))
     assert {"optim.lr", "model.latent_dim", "prior.num_components", "loss.beta"} <= set(best["best_params"])
     assert {t["prior"] for t in trials} == {"vamp"}
+
+
+def test_a_frozen_ddp_process_ends_the_run_with_one_line_after_the_timeout(tmp_path, fashion_mnist):
+    import time
+
+    run_dir = tmp_path / "frozen"
+    start = time.monotonic()
+    proc = run_app(*DDP, "trainer.max_epochs=3", "+callbacks.freeze._target_=fault_callbacks.FreezeAt",
+                   "+callbacks.freeze.step=5", "trainer.strategy.timeout.seconds=10", f"hydra.run.dir={run_dir}",
+                   timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert line.startswith("error: rank 0: another process of this DDP run stopped answering for 10 s")
+    assert elapsed < 120  # the timeout, not forever
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # saved after epoch 1, intact
+    assert ckpt["global_step"] == 4

@@ -58,28 +58,68 @@ def _torchvision_split(src: Source, root: Path, train: bool, download: bool) -> 
     return data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)  # -> [N, C, H, W] uint8
 
 
+def idx_problem(path: Path) -> str | None:
+    """Why an IDX file of bytes cannot be read, in a few words (None when it can): its magic number, and its
+    size against the sizes its header promises."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else 0
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or ndim not in (1, 3) or len(head) < 4 + 4 * ndim:
+        return f"not an IDX file of bytes ({size} bytes, magic number {magic:#010x})"
+    dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    return None if size == expected else f"{size:,} bytes where its header promises {expected:,}"
+
+
+def _damaged_idx(src: Source, root: Path) -> list[tuple[Path, str]]:
+    raw = root / src.folder / "raw"
+    found = [(raw / name, idx_problem(raw / name)) for name in IDX_FILES if (raw / name).is_file()]
+    return [(path, problem) for path, problem in found if problem]
+
+
 def _install_debian_files(src: Source, root: Path) -> bool:
-    """Decompress Debian's IDX .gz files into <root>/<folder>/raw/; True if all four are there after."""
+    """Decompress Debian's IDX .gz files into <root>/<folder>/raw/ (again, for any damaged one there); True if
+    all four are there after."""
     if not src.debian_dir or not all(Path(src.debian_dir, f + ".gz").is_file() for f in IDX_FILES):
         return False
     raw = root / src.folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    for path, problem in _damaged_idx(src, root):
+        log.warning("%s is damaged (%s); decompressing it again from %s", path, problem, src.debian_dir)
+        path.unlink()
+    written = []
     for name in IDX_FILES:
         target = raw / name
         if target.is_file():
             continue
         tmp = target.with_suffix(".part")
-        with gzip.open(Path(src.debian_dir, name + ".gz"), "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
+        gz = Path(src.debian_dir, name + ".gz")
+        try:
+            with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except (OSError, EOFError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"Debian's {gz} is damaged ({exc}); reinstall it: apt-get install --reinstall "
+                            f"{src.debian_package}") from None
         os.replace(tmp, target)  # atomic: a half-written file is never mistaken for data
-    log.info("Decompressed %s from %s into %s", src.title, src.debian_dir, raw)
-    return True
+        written.append(name)
+    if written:
+        log.info("Decompressed %s from %s into %s", ", ".join(written), src.debian_dir, raw)
+    return not _damaged_idx(src, root)
 
 
 def load_images(name: str, root: str | os.PathLike, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(official train images, official test images) as uint8 [N, C, H, W], from the first source that works."""
     src = SOURCES[name]
     root = Path(root)
+    damaged = _damaged_idx(src, root) if src.folder and src.torchvision_class in ("MNIST", "FashionMNIST") else []
+    if damaged and not _install_debian_files(src, root):  # Debian's package can replace a damaged file; else:
+        path, problem = damaged[0]
+        fetch = ("run `make data` (Debian's package), or run once online with data.download=true"
+                 if src.debian_package else "run once online with data.download=true")
+        raise DataError(f"{path} is damaged ({problem}); delete it and {fetch}, to fetch it again")
     try:  # 1. an existing torchvision root
         return _torchvision_split(src, root, True, False), _torchvision_split(src, root, False, False)
     except (RuntimeError, FileNotFoundError, OSError):

@@ -19,6 +19,10 @@ class CheckpointError(VaelabError):
     """A checkpoint is missing, truncated, or from another model."""
 
 
+class DistributedError(VaelabError):
+    """A process of a DDP run stopped answering (frozen, killed, or its node lost)."""
+
+
 class NonFiniteLossError(VaelabError):
     """Training produced a NaN or infinite loss."""
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from vaelab.engine import matmul_precision
 from vaelab.errors import ConfigError, run_or_explain
 from vaelab.metrics import ActiveUnits, ElboMeans, ImportanceSampledNLL, bits_per_dim, importance_log_weights
-from vaelab.runs import restore
+from vaelab.runs import refuse_unknown_keys, restore
 from vaelab.train import CONF_DIR
 
 log = logging.getLogger("vaelab")
@@ -55,6 +55,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"importance_samples must be a positive integer, got {cfg.importance_samples}")
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")
+    refuse_unknown_keys(cfg, "vaelab-eval", Path(CONF_DIR) / "eval.yaml")
     torch.manual_seed(cfg.seed)
     saved, datamodule, model = restore(cfg.ckpt_path, {"root": cfg.data_root, "subset": cfg.subset,
                                                           "eval_batch_size": cfg.batch_size})

@@ -12,12 +12,13 @@ from torchvision.utils import save_image
 
 from vaelab.errors import run_or_explain
 from vaelab.evaluate import pick_device
-from vaelab.runs import restore
+from vaelab.runs import refuse_unknown_keys, restore
 from vaelab.sampling import all_grids
 from vaelab.train import CONF_DIR
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
+    refuse_unknown_keys(cfg, "vaelab-sample", Path(CONF_DIR) / "sample.yaml")
     torch.manual_seed(cfg.seed)
     _, datamodule, model = restore(cfg.ckpt_path, {"root": cfg.data_root})
     device = pick_device(cfg.device)

@@ -90,14 +90,16 @@ def pseudo_input_grid(model, n: int = 64) -> Tensor | None:
 
 @torch.no_grad()
 def all_grids(model, x: Tensor, num_samples: int = 64, steps: int = 10) -> dict[str, Tensor]:
-    """Every grid for a model and a fixed batch x: what the callback logs and vaelab-sample writes."""
-    half = max(1, min(8, x.shape[0] // 2))
+    """Every grid for a model and a fixed batch x: what the callback logs and vaelab-sample writes. With a
+    single image there is no pair to interpolate between, and that grid is left out."""
     grids = {
         "samples": sample_grid(model, num_samples),
         "reconstructions": reconstruction_grid(model, x),
-        "interpolations": interpolation_grid(model, x[:half], x[half : 2 * half], steps),
-        "traversals": traversal_grid(model, x, num_dims=min(8, model.latent_dims[-1]), steps=steps - 1),
     }
+    half = min(8, x.shape[0] // 2)
+    if half >= 1:
+        grids["interpolations"] = interpolation_grid(model, x[:half], x[half : 2 * half], steps)
+    grids["traversals"] = traversal_grid(model, x, num_dims=min(8, model.latent_dims[-1]), steps=steps - 1)
     u = pseudo_input_grid(model, num_samples)
     if u is not None:
         grids["pseudo_inputs"] = u

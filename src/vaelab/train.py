@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import secrets
 import sys
 import time
 from datetime import datetime
@@ -25,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vaelab.callbacks import Preempted
 from vaelab.checkpoints import check_weights, load_checkpoint, model_state
 from vaelab.engine import matmul_precision
-from vaelab.errors import ConfigError, VaelabError
+from vaelab.errors import ConfigError, DistributedError, VaelabError
 from vaelab.loggers import log_checkpoints_offline, wandb_run_dir
 from vaelab.module import KL_DESCRIPTION, VAEModule
 from vaelab.runs import build, build_model
@@ -35,7 +37,9 @@ log = logging.getLogger("vaelab")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 # ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
 OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)
-_STARTED = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+# a run's default directory: its start time and a short random id, so two runs started in the same second
+# (another seed, another user on the same file system) never share one
+_STARTED = f"{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
 
 
 def _comparable(overrides) -> list[str]:
@@ -64,7 +68,36 @@ def run_dir(base: str, resume, overrides) -> str:
     return max(found)[1] if found else fresh
 
 
+def sweep_dir(base: str, resume, overrides) -> str:
+    """A sweep's directory: a new one, or with resume=auto the newest sweep of the same command (the same
+    overrides, resume= aside, as its multirun.yaml records them), whose unfinished jobs then continue and whose
+    finished jobs are not trained again. Resolved once per process: Hydra resolves it again for each job, whose
+    own overrides are one point of the sweep's."""
+    if base in _SWEEP_DIRS:
+        return _SWEEP_DIRS[base]
+    _SWEEP_DIRS[base] = _find_sweep_dir(base, resume, overrides)
+    return _SWEEP_DIRS[base]
+
+
+_SWEEP_DIRS: dict[str, str] = {}
+
+
+def _find_sweep_dir(base: str, resume, overrides) -> str:
+    fresh = f"{base}/{_STARTED}"
+    if str(resume) != "auto":
+        return fresh
+    want, found = _comparable(overrides), []
+    for d in Path(base).glob("*"):
+        saved = d / "multirun.yaml"
+        if saved.is_file():
+            task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=None)
+            if task is not None and _comparable(task) == want:
+                found.append((saved.stat().st_mtime, str(d)))
+    return max(found)[1] if found else fresh
+
+
 OmegaConf.register_new_resolver("vaelab_run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("vaelab_sweep_dir", sweep_dir, replace=True)
 
 
 def check_consistency(cfg: DictConfig, datamodule) -> None:
@@ -87,7 +120,8 @@ def resume_from(cfg: DictConfig, out_dir: Path) -> str | None:
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
     last = out_dir / "checkpoints" / "last.ckpt"
-    return str(last) if resume == "auto" and last.is_file() else None
+    requeued = bool(os.environ.get("SUBMITIT_EXECUTOR")) and (out_dir / "run_state.json").is_file()
+    return str(last) if (resume == "auto" or requeued) and last.is_file() else None
 
 
 def _run_state(out_dir: Path) -> dict:
@@ -102,6 +136,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return its results (also written to results.json)."""
     validate(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("resume") == "auto" and _finished(out_dir):  # a resumed sweep: this job is done already
+        print(f"vaelab: {out_dir} has finished already; not trained again.", flush=True)
+        return json.loads((out_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"),
@@ -153,6 +190,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Preempted as stop:
         return _preempted(stop, trainer, loggers, state, out_dir, time.perf_counter() - t0)
+    except RuntimeError as exc:
+        if trainer.world_size > 1 and _collective_failed(exc):
+            _finish_wandb(loggers)
+            raise _lost_process(trainer) from None
+        raise
     train_time = state["train_time_s"] + time.perf_counter() - t0
 
     # the last epoch's train/ and val/ figures; test/ ones follow from the best checkpoint
@@ -202,6 +244,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _collective_failed(exc: BaseException) -> bool:
+    """A DDP collective that timed out or lost its peer (torch's DistError, or gloo's and NCCL's messages)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL"))
+
+
+def _lost_process(trainer: L.Trainer) -> DistributedError:
+    """One sentence for a DDP run whose other processes stopped answering; the processes this one started are
+    stopped too, so that none is left behind, frozen or waiting."""
+    import signal
+
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _SubprocessScriptLauncher):
+        launcher.kill(signal.SIGKILL)
+    timeout = getattr(trainer.strategy, "_timeout", None)
+    seconds = f"{timeout.total_seconds():.0f} s" if timeout is not None else "the collective timeout"
+    return DistributedError(
+        f"rank {trainer.global_rank}: another process of this DDP run stopped answering for {seconds} (frozen, "
+        "killed or its node lost); checkpoints saved so far are intact: continue with resume=auto, and if the "
+        "processes were only slow, raise trainer.strategy.timeout.seconds")
+
+
 def _preempted(stop: Preempted, trainer, loggers, state: dict, out_dir: Path, elapsed: float) -> dict:
     """Record a preemption: the run state beside the checkpoint, a 'preempted' results.json, one message."""
     state["preemptions"] += 1
@@ -211,14 +280,18 @@ def _preempted(stop: Preempted, trainer, loggers, state: dict, out_dir: Path, el
     if trainer.is_global_zero:
         (out_dir / "run_state.json").write_text(json.dumps(state))
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        then = ("submitit requeues the job, which continues from it" if stop.requeue else
+                "Run the same command with resume=auto to continue")
         print(f"\nvaelab: stopped by {stop.signal_name} at epoch {stop.epoch}, step {stop.step}; checkpoint saved "
-              f"to {stop.path}. Run the same command with resume=auto to continue.", flush=True)
+              f"to {stop.path}. {then}.", flush=True)
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
         if wandb.run is not None:
             wandb.run.mark_preempting()
         wandb.finish(exit_code=0)
+    if stop.requeue is not None and trainer.is_global_zero:
+        stop.requeue()  # submitit's checkpoint-and-requeue: ends this process, to start again from the checkpoint
     return results
 
 

@@ -3,6 +3,7 @@ it got and what is allowed. (The constructors check their own arguments too, for
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,6 +61,8 @@ def _check(key: str, value, rule: tuple) -> None:
         return
     kind, low, strict = rule
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if is_number and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if not is_number or (kind != _NUM and not float(value).is_integer()):
         raise ConfigError(f"{key} must be {kind}, got {value!r}")
     if value < low or (strict and value == low):
