@@ -407,6 +407,12 @@ class VAEModule(L.LightningModule):
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        loops = checkpoint.get("loops", {}).get("fit_loop", {})
+        manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+        automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+        if manual is not None and automatic and manual["total"]["completed"] == 0 < automatic["total"]["completed"]:
+            # written before training moved to manual optimisation: its optimiser steps were counted there
+            loops["epoch_loop.manual_optimization.optim_step_progress"] = automatic
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
