@@ -124,3 +124,15 @@ def test_common_random_numbers_make_estimates_independent_of_batching_and_chunki
     eps = counter_normal(0, torch.arange(2000), 0, 50, 8).flatten().double()
     assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 800k draws: N(0, 1) to within noise
     assert abs(torch.corrcoef(torch.stack([eps[:-1], eps[1:]]))[0, 1]) < 0.01  # neighbours uncorrelated
+
+
+def test_points_per_pass_is_auto_by_device_or_a_positive_number():
+    from vaelab.errors import ConfigError
+    from vaelab.metrics import AUTO_POINTS_PER_PASS, points_per_pass_for
+
+    assert points_per_pass_for("auto", torch.device("cpu")) == AUTO_POINTS_PER_PASS["cpu"] == 5_000
+    assert points_per_pass_for("auto", torch.device("cuda")) == AUTO_POINTS_PER_PASS["cuda"]
+    assert points_per_pass_for(1234, torch.device("cpu")) == 1234
+    for bad in ("abc", 0, -5, True):
+        with pytest.raises(ConfigError, match="points per pass must be auto or a positive number"):
+            points_per_pass_for(bad, torch.device("cpu"))

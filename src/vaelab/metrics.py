@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from vaelab.errors import ConfigError
+
 _M32 = 0xFFFFFFFF
 
 
@@ -70,7 +72,10 @@ def points_per_pass_for(points_per_pass: int | str, device: torch.device) -> int
     """eval.importance_points_per_pass as a number: "auto" picks by device (AUTO_POINTS_PER_PASS)."""
     if points_per_pass == "auto":
         return AUTO_POINTS_PER_PASS.get(device.type, AUTO_POINTS_PER_PASS["cuda"])
-    return int(points_per_pass)
+    if isinstance(points_per_pass, bool) or not isinstance(points_per_pass, int) or points_per_pass <= 0:
+        raise ConfigError(f"points per pass must be auto or a positive number of (image, sample) pairs, "
+                          f"got {points_per_pass!r}")
+    return points_per_pass
 
 
 def importance_log_weights(model, x: Tensor, k: int, points_per_pass: int | str = "auto",

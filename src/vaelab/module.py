@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import lightning as L
@@ -351,6 +352,8 @@ class VAEModule(L.LightningModule):
             steps = AUTO_STEPS["cuda_graph" if graphs else ("cpu" if self.device.type == "cpu" else "cuda")]
         self.execution_plan = ExecutionPlan(steps, self.device if graphs else None)
         self._count_limits_in_executions(steps)
+        if steps > 1:  # Lightning compares its batch count, executions here, with log_every_n_steps, in steps
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         strategy = self.trainer.strategy
         self._direct = (self.trainer.world_size == 1 and getattr(strategy.precision_plugin, "scaler", None) is None)
         optimizer = adam(list(self.parameters()), self.hparams.lr, self.hparams.weight_decay, self.hparams.fused,
