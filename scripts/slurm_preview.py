@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from vaelab.train import CONF_DIR
+from vaelab.cli.config import CONF_DIR
 
 
 def shutil_which(name: str):

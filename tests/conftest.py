@@ -53,7 +53,7 @@ def app_env() -> dict:
     return env
 
 
-def run_app(*args: str, module: str = "vaelab.train", timeout: int = 600) -> subprocess.CompletedProcess:
+def run_app(*args: str, module: str = "vaelab.cli.train", timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, in a subprocess, from the repo root."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(),
                           capture_output=True, text=True, timeout=timeout)
@@ -85,14 +85,14 @@ def compose(*overrides: str):
 
 @pytest.fixture
 def train_in_process(tmp_path, fashion_mnist, monkeypatch):
-    """Run vaelab.train.train() in this process on composed config; returns results (results.json)."""
+    """Run vaelab.cli.train.train() in this process on composed config; returns results (results.json)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
 
     def _run(*overrides: str):
         cfg = compose(*TINY, f"paths.output_dir={tmp_path / 'run'}", f"data.root={fashion_mnist}", *overrides)
         out = Path(cfg.paths.output_dir)
-        from vaelab.train import train
+        from vaelab.cli.train import train
 
         results = train(cfg)
         assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))

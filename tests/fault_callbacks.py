@@ -7,7 +7,7 @@ import signal
 import lightning as L
 import torch
 
-from vaelab.engine import batch_counts
+from vaelab.training.engine import batch_counts
 
 
 class SignalAt(L.Callback):

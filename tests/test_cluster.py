@@ -59,7 +59,7 @@ def test_a_sweep_relaunched_with_resume_auto_continues_its_jobs_and_skips_finish
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vaelab.train", *args], cwd=ROOT, env=app_env(),
+    return subprocess.Popen([sys.executable, "-m", "vaelab.cli.train", *args], cwd=ROOT, env=app_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -11,9 +11,9 @@ import torch
 import wandb_files
 from conftest import TINY, run_app
 
-from vaelab.checkpoints import load_weights
 from vaelab.errors import CheckpointError
 from vaelab.models import VAE, HierarchicalVAE
+from vaelab.training.checkpoints import load_weights
 
 # prior.num_components cannot be overridden for the standard prior, so the VampPrior keeps K=500 here
 SWEEP = [*TINY, "trainer.max_epochs=1", "data.subset=300", "model.hidden_dim=64", "logger.wandb.log_model=true"]
@@ -51,7 +51,7 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
     root = tmp_path / "partial"
     shutil.copytree(sweep, root)
     (root / "3" / "results.json").unlink()  # a crashed run leaves no results.json
-    proc = run_app(str(root), "--wandb", module="vaelab.report")
+    proc = run_app(str(root), "--wandb", module="vaelab.cli.report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report_run,) = (root / "wandb").glob("offline-run-*")
     assert wandb_files.run_info(report_run)["job_type"] == "report"
@@ -81,7 +81,7 @@ def test_eval_reproduces_the_runs_test_nll(sweep, tmp_path):
     for seed in (0, 7):  # importance_seed 0 is what training used; 7 draws other samples
         out = tmp_path / f"eval{seed}.json"
         proc = run_app(f"ckpt_path={res['best_checkpoint']}", "importance_samples=32", f"output={out}",
-                       f"importance_seed={seed}", "batch_size=77", module="vaelab.evaluate")
+                       f"importance_seed={seed}", "batch_size=77", module="vaelab.cli.eval")
         assert proc.returncode == 0, proc.stderr[-3000:]
         evals[seed] = json.loads(out.read_text())
     assert evals[0]["num_images"] == 300 and evals[0]["importance_samples"] == 32
@@ -98,7 +98,7 @@ def test_eval_reproduces_the_runs_test_nll(sweep, tmp_path):
 def test_sample_writes_every_grid(sweep, tmp_path):
     res = _results(sweep)["1"]  # vanilla + VampPrior
     proc = run_app(f"ckpt_path={res['best_checkpoint']}", f"output_dir={tmp_path}", "num_samples=16",
-                   module="vaelab.sample")
+                   module="vaelab.cli.sample")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("samples", "reconstructions", "interpolations", "traversals", "pseudo_inputs"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
@@ -108,7 +108,7 @@ def test_broken_and_foreign_checkpoints_fail_clearly(sweep, tmp_path):
     res = _results(sweep)["0"]
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(open(res["best_checkpoint"], "rb").read()[:5000])
-    proc = run_app(f"ckpt_path={broken}", module="vaelab.evaluate")
+    proc = run_app(f"ckpt_path={broken}", module="vaelab.cli.eval")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: {broken} is not a readable checkpoint")
     vanilla, deep = VAE((1, 28, 28), hidden_dim=16), HierarchicalVAE((1, 28, 28), hidden_dim=16)

@@ -5,7 +5,8 @@ import torch
 from vaelab.models.likelihoods import Bernoulli
 from vaelab.models.priors import StandardNormal
 from vaelab.models.vae import VAE
-from vaelab.module import VAEModule, adam
+from vaelab.training.module import VAEModule
+from vaelab.training.optim import adam
 
 
 def _model(seed: int) -> VAE:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY, run_app
 
-from vaelab.checkpoints import load_checkpoint
+from vaelab.training.checkpoints import load_checkpoint
 
 RESUMABLE = [*TINY, "data.subset=3000", "data.batch_size=50", "trainer.max_epochs=3", "trainer.deterministic=true",
              "eval.importance_samples=16", "callbacks.image_grids.every_n_epochs=10"]
@@ -167,7 +167,7 @@ def test_a_one_image_data_set_trains_and_draws_its_grids(train_run):
 def test_vaelab_eval_refuses_an_override_it_would_ignore(train_run):
     run_dir, _, _ = train_run("trainer.max_epochs=1", "logger=csv")
     proc = run_app("+model=deep", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "importance_samples=4",
-                   module="vaelab.evaluate")
+                   module="vaelab.cli.eval")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "error: vaelab-eval rebuilds the model, prior, likelihood and data from the checkpoint's own config, "

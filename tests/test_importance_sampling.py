@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vaelab.metrics import ImportanceSampledNLL, importance_log_weights
+from vaelab.evaluation.metrics import ImportanceSampledNLL, importance_log_weights
 from vaelab.models import VAE, Gaussian
 
 D_Z, SHAPE, SIGMA = 2, (1, 2, 3), 0.5
@@ -110,7 +110,7 @@ def test_monte_carlo_standard_error_predicts_the_spread_of_repeated_estimates():
 
 
 def test_common_random_numbers_make_estimates_independent_of_batching_and_chunking():
-    from vaelab.metrics import counter_normal
+    from vaelab.evaluation.noise import counter_normal
 
     model, exact = linear_gaussian_vae(exact_posterior=False)
     x = _data(exact, n=12)
@@ -128,11 +128,11 @@ def test_common_random_numbers_make_estimates_independent_of_batching_and_chunki
 
 def test_points_per_pass_is_auto_by_device_or_a_positive_number():
     from vaelab.errors import ConfigError
-    from vaelab.metrics import AUTO_POINTS_PER_PASS, points_per_pass_for
+    from vaelab.evaluation.metrics import AUTO_POINTS_PER_PASS, points_per_pass_for
 
     assert points_per_pass_for("auto", torch.device("cpu")) == AUTO_POINTS_PER_PASS["cpu"] == 5_000
     assert points_per_pass_for("auto", torch.device("cuda")) == AUTO_POINTS_PER_PASS["cuda"]
     assert points_per_pass_for(1234, torch.device("cpu")) == 1234
     for bad in ("abc", 0, -5, True):
-        with pytest.raises(ConfigError, match="points per pass must be auto or a positive number"):
+        with pytest.raises(ConfigError, match="importance_points_per_pass must be"):
             points_per_pass_for(bad, torch.device("cpu"))

@@ -51,5 +51,5 @@ def test_learned_variance_receives_gradients():
 def test_bad_gaussian_options_say_what_is_allowed():
     with pytest.raises(ConfigError, match="likelihood.variance must be one of fixed, learned, per_pixel"):
         Gaussian(variance="wobbly")
-    with pytest.raises(ConfigError, match="likelihood.sigma must be positive"):
+    with pytest.raises(ConfigError, match="likelihood.sigma must be greater than 0"):
         Gaussian(sigma=0.0)

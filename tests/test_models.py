@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vaelab.errors import ConfigError
-from vaelab.metrics import ActiveUnits
+from vaelab.evaluation.metrics import ActiveUnits
 from vaelab.models import VAE, Bernoulli, Gaussian
 
 SHAPE = (1, 28, 28)
@@ -24,7 +24,7 @@ def test_protocol_shapes(network, likelihood):
 
 
 def test_bad_sizes_are_config_errors():
-    with pytest.raises(ConfigError, match=r"model.latent_dim must be a positive integer, got -3"):
+    with pytest.raises(ConfigError, match=r"model.latent_dim must be greater than 0, got -3"):
         VAE(SHAPE, latent_dim=-3)
     with pytest.raises(ConfigError, match="model.network must be one of mlp, conv"):
         VAE(SHAPE, network="transformer")

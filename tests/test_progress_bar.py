@@ -4,7 +4,7 @@ one is brought up to date every n batches; the app runs with the bar on and off.
 import lightning as L
 import torch
 
-from vaelab.callbacks import LineProgress, ThrottledProgressBar
+from vaelab.training.callbacks import LineProgress, ThrottledProgressBar
 
 
 class Counting(ThrottledProgressBar):

@@ -7,7 +7,7 @@ import pytest
 import wandb_files
 from conftest import TINY, run_app
 
-from vaelab.checkpoints import load_checkpoint
+from vaelab.training.checkpoints import load_checkpoint
 
 DDP = [*TINY, "trainer=ddp_cpu", "trainer.devices=2", "data.subset=400", "data.batch_size=50",
        "trainer.max_epochs=2", "eval.importance_samples=16"]
@@ -26,7 +26,7 @@ def test_ddp_on_two_processes_shards_data_and_matches_one_process_on_the_same_we
 
     out = tmp_path / "eval.json"
     ev = run_app(f"ckpt_path={res['best_checkpoint']}", "importance_samples=16", f"output={out}",
-                 module="vaelab.evaluate")
+                 module="vaelab.cli.eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
     single = json.loads(out.read_text())["metrics"]
     for key in ("test/nll", "test/nll_mc_se", "test/active_units"):

@@ -58,7 +58,7 @@ def test_a_step_limit_that_splits_an_execution_is_refused_in_one_line(tmp_path, 
 
 
 def test_auto_takes_ten_steps_per_execution_on_a_cpu(tmp_path, fashion_mnist):
-    from vaelab.checkpoints import load_checkpoint
+    from vaelab.training.checkpoints import load_checkpoint
 
     res, table = _run(tmp_path, "auto", "trainer.steps_per_execution=auto", "trainer.max_epochs=2",
                       "data.subset=1000")  # 20 steps an epoch: two executions of 10

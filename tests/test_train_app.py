@@ -1,4 +1,4 @@
-"""The real app, `python -m vaelab.train`, on a real Fashion-MNIST subset with tiny overrides."""
+"""The real app, `vaelab-train` (vaelab.cli.train), on a real Fashion-MNIST subset with tiny overrides."""
 
 import csv
 import json

@@ -8,7 +8,7 @@ import torch
 
 from vaelab.models import VAE, Bernoulli, Gaussian, HierarchicalVAE, StandardNormal, VampPrior
 from vaelab.models.distributions import log_normal_diag
-from vaelab.module import VAEModule
+from vaelab.training.module import VAEModule
 
 SHAPE = (1, 28, 28)
 

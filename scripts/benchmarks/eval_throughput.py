@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import DATA, save, sync, table
 
 from vaelab.data import ImageDataModule
-from vaelab.metrics import importance_log_weights
+from vaelab.evaluation.metrics import importance_log_weights
 from vaelab.models import VAE, HierarchicalVAE, StandardNormal, VampPrior
 
 MODELS = {

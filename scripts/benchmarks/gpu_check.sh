@@ -82,7 +82,7 @@ if has default; then
   for mode in fast fast_tf32 eager; do
     case $mode in fast) extra="";; fast_tf32) extra="matmul_precision=high";; eager) extra="cuda_graphs=false";; esac
     start=$(date +%s)
-    timeout 300 $PY -m vaelab.train trainer=gpu logger=csv hydra.run.dir=/tmp/default_$mode $extra \
+    timeout 300 $PY -m vaelab.cli.train trainer=gpu logger=csv hydra.run.dir=/tmp/default_$mode $extra \
       > "$LOGS/default_$mode.log" 2>&1
     echo "$mode: exit $? in $(( $(date +%s) - start )) s"
     $PY -c "import json; r = json.load(open('/tmp/default_$mode/results.json')); m = r['metrics']; print('  ', {k: round(m[k], 4) for k in ('test/nll', 'test/nll_mc_se', 'test/elbo', 'test/kl', 'val/loss', 'perf/train_images_per_s') if k in m}, 'train_time_s', r['train_time_s'], 'test_time_s', r['test_time_s'])" \
@@ -97,7 +97,7 @@ if has sweep; then
   for jobs in 1 4; do
     seeds=$(seq -s, 1 $jobs)
     start=$(date +%s.%N)
-    timeout 300 $PY -m vaelab.train -m hydra/launcher=joblib hydra.launcher.n_jobs=$jobs seed=$seeds $common \
+    timeout 300 $PY -m vaelab.cli.train -m hydra/launcher=joblib hydra.launcher.n_jobs=$jobs seed=$seeds $common \
       hydra.sweep.dir=/tmp/sweep_$jobs > "$LOGS/sweep_$jobs.log" 2>&1
     end=$(date +%s.%N)
     $PY - "$jobs" "$start" "$end" <<'EOF'

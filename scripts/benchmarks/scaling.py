@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save, sync, table
 
 from vaelab.models import VAE, HierarchicalVAE, StandardNormal, VampPrior
-from vaelab.module import adam
+from vaelab.training.optim import adam
 
 
 def step_ms(model, batch: int, steps: int, dev) -> float:

@@ -3,7 +3,7 @@ batch size and precision, in this process, measured in alternating blocks.
 
     python scripts/benchmarks/train_throughput.py [--models vanilla vamp deep] [--blocks 8] [--block 50] [--compile]
 
-vaelab: the real app (`vaelab.train.train` on the composed config: Lightning's Trainer, its loop and hooks,
+vaelab: the real app (`vaelab.cli.train.train` on the composed config: Lightning's Trainer, its loop and hooks,
 vaelab's module and data module, callbacks, and the CSV and offline W&B loggers).
 bare: a copy of the same model (same initial weights), its own Adam, the same in-memory uint8 images, and a
 loop of index, binarise, elbo_terms, zero_grad, backward, step. Two bare loops take turns:
@@ -141,7 +141,7 @@ class Alternate(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from vaelab.data import bernoulli_draw
-        from vaelab.module import adam
+        from vaelab.training.optim import adam
 
         Alternate.latest = self
         hp = pl_module.hparams
@@ -162,7 +162,7 @@ class Alternate(L.Callback):
         self.bare = {name: [] for name in self.loops}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from vaelab.engine import batch_counts
+        from vaelab.training.engine import batch_counts
 
         self._steps += batch_counts(batch, pl_module)[0]  # optimiser steps: a batch may be an execution of several
         if self._steps < self.block:
@@ -200,8 +200,8 @@ def _config(model_overrides: list[str], blocks: int, block: int, device: str, ex
 
 
 def measure(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]) -> dict:
-    """The real app, `vaelab.train.train`, against the bare loops."""
-    from vaelab.train import train
+    """The real app, `vaelab.cli.train.train`, against the bare loops."""
+    from vaelab.cli.train import train
 
     cfg = _config(model_overrides, blocks, block, device, extra)
     train(cfg)
@@ -222,14 +222,14 @@ class FloorModule(L.LightningModule):
         return self.model.elbo_terms(x).loss.mean()
 
     def configure_optimizers(self):
-        from vaelab.module import adam
+        from vaelab.training.optim import adam
 
         return adam(list(self.parameters()), self.hparams.lr, self.hparams.weight_decay, self.hparams.fused)
 
 
 def measure_floor(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]) -> dict:
     """FloorModule in a bare Trainer (same data module, model config, precision and steps) against the bare loops."""
-    from vaelab.runs import build, build_model
+    from vaelab.cli.config import build, build_model
 
     cfg = _config(model_overrides, blocks, block, device, extra)
     L.seed_everything(cfg.seed)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vaelab.checks import Arg, positive_int
 from vaelab.errors import ConfigError
 from vaelab.models.likelihoods import Bernoulli, Likelihood
+from vaelab.models.networks import NETWORK
 from vaelab.models.priors import Prior, StandardNormal
 
 
@@ -33,17 +35,16 @@ class ElboTerms:
         return self.recon + self.kl
 
 
-def positive_int(value, key: str, source: str) -> int:
-    """Config integers must be positive; say which key and which file when they are not."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r} ({source})")
-    return value
-
-
 class VAEBase(nn.Module):
-    """Shared wiring: the likelihood, the prior over the top layer, and the protocol's signatures."""
+    """Shared wiring: the likelihood, the prior over the top layer, and the protocol's signatures.
+    Latents are always a list of tensors, one [n, D_l] per stochastic layer, layer 1 (nearest the data) first."""
 
-    name = "vae"
+    ARGS: dict[str, Arg] = {
+        "latent_dim": positive_int("model.latent_dim"),
+        "hidden_dim": positive_int("model.hidden_dim"),
+        "num_hidden": positive_int("model.num_hidden"),
+        "network": NETWORK,
+    }
 
     def __init__(
         self,
@@ -63,6 +64,13 @@ class VAEBase(nn.Module):
         return self._prior_factory(latent_dim=latent_dim, encoder=encoder, image_shape=self.image_shape)
 
     @property
+    def kl_estimator(self) -> str:
+        """How elbo_terms computes the KL of the top layer, in words (results.json and W&B record it)."""
+        if self.prior.analytic_kl:
+            return "closed-form KL(q(z|x) || p(z))"
+        return "Monte Carlo KL estimate log q(z|x) - log p(z) at z ~ q(z|x) (no closed form for this prior)"
+
+    @property
     def latent_dims(self) -> list[int]:  # pragma: no cover - interface
         """Sizes of the stochastic layers, layer 1 (nearest the data) first."""
         raise NotImplementedError
@@ -75,10 +83,12 @@ class VAEBase(nn.Module):
         noise: optional standard-normal draws [k, B, sum(latent_dims)] to use instead of fresh ones."""
         raise NotImplementedError
 
-    def sample_latents(self, n: int) -> Tensor:  # pragma: no cover - interface
+    def sample_latents(self, n: int) -> list[Tensor]:  # pragma: no cover - interface
+        """n draws from the prior, one [n, D_l] tensor per layer (layer 1 first)."""
         raise NotImplementedError
 
-    def decode_mean(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
+    def decode_mean(self, zs: list[Tensor]) -> Tensor:  # pragma: no cover - interface
+        """The mean of p(x | z_1, ..., z_L), [..., C, H, W]."""
         raise NotImplementedError
 
     def posterior_means(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - interface

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vaelab.models.base import ElboTerms, VAEBase, positive_int
+from vaelab.checks import check_args, positive_int
+from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.distributions import kl_normal_normal, log_normal_diag, reparameterize
 from vaelab.models.networks import Decoder, Encoder, GatedDense, GaussianHead, ImageFeatures, gated_mlp
 
@@ -59,7 +60,7 @@ class JointDecoder(nn.Module):
 
 
 class HierarchicalVAE(VAEBase):
-    name = "deep"
+    ARGS = {**VAEBase.ARGS, "num_layers": positive_int("model.num_layers")}
 
     def __init__(
         self,
@@ -72,12 +73,9 @@ class HierarchicalVAE(VAEBase):
         likelihood=None,
         prior=None,
     ) -> None:
+        check_args(self.ARGS, locals())
         super().__init__(image_shape, likelihood, prior)
-        src = "conf/model/deep.yaml"
-        self.latent_dim = positive_int(latent_dim, "model.latent_dim", src)
-        self.num_layers = positive_int(num_layers, "model.num_layers", src)
-        positive_int(hidden_dim, "model.hidden_dim", src)
-        positive_int(num_hidden, "model.num_hidden", src)
+        self.latent_dim, self.num_layers = latent_dim, num_layers
         # Lists run bottom-up: index 0 is layer 1 (nearest the data), index L-1 the top layer.
         self.top_encoder = Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
         self.posteriors = nn.ModuleList(

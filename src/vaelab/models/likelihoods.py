@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vaelab.errors import ConfigError
+from vaelab.checks import Arg, check_args, one_of, positive
 
 
 def _sum_pixels(t: Tensor, image_ndim: int = 3) -> Tensor:
@@ -20,11 +20,10 @@ def _sum_pixels(t: Tensor, image_ndim: int = 3) -> Tensor:
 
 
 class Likelihood(nn.Module):
-    """Base class: `num_params` decoder channels per image channel, and whether x must be binary."""
+    """Base class: `num_params` decoder channels per image channel; ARGS, the rules of its own arguments."""
 
+    ARGS: dict[str, Arg] = {}
     num_params: int = 1
-    name: str = "likelihood"
-    needs_binary: bool = False
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -38,9 +37,6 @@ class Likelihood(nn.Module):
 
 class Bernoulli(Likelihood):
     """Bernoulli pixels with logits from the decoder; -log p(x|z) is the summed binary cross-entropy."""
-
-    name = "bernoulli"
-    needs_binary = True
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         x = x.expand_as(params)
@@ -60,9 +56,11 @@ class Gaussian(Likelihood):
     `mean_activation="sigmoid"` keeps means in the [0, 1] range of images; "identity" leaves them free.
     """
 
-    name = "gaussian"
-    VARIANCES = ("fixed", "learned", "per_pixel")
-    ACTIVATIONS = ("sigmoid", "identity")
+    ARGS = {
+        "variance": one_of("likelihood.variance", "fixed", "learned", "per_pixel"),
+        "sigma": positive("likelihood.sigma"),
+        "mean_activation": one_of("likelihood.mean_activation", "sigmoid", "identity"),
+    }
 
     def __init__(
         self,
@@ -71,19 +69,8 @@ class Gaussian(Likelihood):
         mean_activation: str = "sigmoid",
         min_logvar: float = -9.0,
     ) -> None:
+        check_args(self.ARGS, locals())
         super().__init__()
-        if variance not in self.VARIANCES:
-            raise ConfigError(
-                f"likelihood.variance must be one of {', '.join(self.VARIANCES)}, got {variance!r} "
-                "(conf/likelihood/gaussian.yaml)"
-            )
-        if mean_activation not in self.ACTIVATIONS:
-            raise ConfigError(
-                f"likelihood.mean_activation must be one of {', '.join(self.ACTIVATIONS)}, "
-                f"got {mean_activation!r} (conf/likelihood/gaussian.yaml)"
-            )
-        if not sigma > 0:
-            raise ConfigError(f"likelihood.sigma must be positive, got {sigma} (conf/likelihood/gaussian.yaml)")
         self.variance = variance
         self.mean_activation = mean_activation
         self.min_logvar = min_logvar

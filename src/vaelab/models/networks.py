@@ -8,9 +8,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from vaelab.checks import one_of
 from vaelab.errors import ConfigError
 
-NETWORKS = ("mlp", "conv")
+NETWORK = one_of("model.network", "mlp", "conv")  # the image networks, as model.network names them
 
 
 class GatedDense(nn.Module):
@@ -57,7 +58,7 @@ class ImageFeatures(nn.Module):
     def __init__(self, image_shape: tuple[int, ...], hidden_dim: int, num_hidden: int, network: str) -> None:
         super().__init__()
         c, h, w = image_shape
-        if network == "mlp":
+        if NETWORK.check(network) == "mlp":
             self.net = nn.Sequential(nn.Flatten(), gated_mlp(c * h * w, hidden_dim, num_hidden))
         elif network == "conv":
             _check_conv_shape(image_shape)
@@ -67,8 +68,6 @@ class ImageFeatures(nn.Module):
                 nn.Flatten(),
                 gated_mlp(64 * (h // 4) * (w // 4), hidden_dim, max(1, num_hidden - 1)),
             )
-        else:
-            raise ConfigError(f"model.network must be one of {', '.join(NETWORKS)}, got {network!r}")
         self.out_features = hidden_dim
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,7 +97,7 @@ class Decoder(nn.Module):
         super().__init__()
         c, h, w = image_shape
         self.out_shape = (c * num_params, h, w)
-        if network == "mlp":
+        if NETWORK.check(network) == "mlp":
             self.net = nn.Sequential(
                 gated_mlp(in_features, hidden_dim, num_hidden),
                 nn.Linear(hidden_dim if num_hidden else in_features, math.prod(self.out_shape)),
@@ -114,8 +113,6 @@ class Decoder(nn.Module):
                 nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ELU(),
                 nn.Conv2d(32, c * num_params, 3, 1, 1),
             )
-        else:
-            raise ConfigError(f"model.network must be one of {', '.join(NETWORKS)}, got {network!r}")
 
     def forward(self, z: Tensor) -> Tensor:
         flat, lead = _flatten_leading(z, 1)

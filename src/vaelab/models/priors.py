@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vaelab.checks import Arg, check_args, one_of, positive_int
 from vaelab.errors import ConfigError
 from vaelab.models.distributions import (
     kl_normal_standard,
@@ -25,7 +26,9 @@ Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 class Prior(nn.Module):
-    name: str = "prior"
+    """ARGS: the rules of the prior's own arguments (conf/prior/<name>.yaml), read by config validation."""
+
+    ARGS: dict[str, Arg] = {}
     analytic_kl: bool = False
 
     def log_prob(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
@@ -43,7 +46,6 @@ class Prior(nn.Module):
 class StandardNormal(Prior):
     """p(z) = N(0, I); its KL against a Gaussian posterior is in closed form."""
 
-    name = "standard"
     analytic_kl = True
 
     def __init__(self, latent_dim: int, **context) -> None:
@@ -65,8 +67,10 @@ class VampPrior(Prior):
     """p(z) = (1/K) sum_k q(z | u_k): a mixture of the posteriors at K learned pseudo-inputs u_k
     (Tomczak & Welling, 2018). The u_k are images, kept in [0, 1] by a hard tanh as in the paper."""
 
-    name = "vamp"
-    INITS = ("random", "data")
+    ARGS = {
+        "num_components": positive_int("prior.num_components"),
+        "init": one_of("prior.init", "random", "data"),
+    }
 
     def __init__(
         self,
@@ -79,16 +83,10 @@ class VampPrior(Prior):
         init_std: float = 0.01,
         **context,
     ) -> None:
+        check_args(self.ARGS, locals())
         super().__init__()
-        if int(num_components) <= 0:
-            raise ConfigError(
-                f"prior.num_components must be a positive number of pseudo-inputs, got {num_components} "
-                "(conf/prior/vamp.yaml)"
-            )
-        if init not in self.INITS:
-            raise ConfigError(f"prior.init must be one of {', '.join(self.INITS)}, got {init!r} (conf/prior/vamp.yaml)")
         self.latent_dim = latent_dim
-        self.num_components = int(num_components)
+        self.num_components = num_components
         self.init = init
         # The encoder belongs to the model; hold it without registering it a second time.
         object.__setattr__(self, "_encoder", encoder)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vaelab.models.base import ElboTerms, VAEBase, positive_int
+from vaelab.checks import check_args
+from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.distributions import log_normal_diag, reparameterize
 from vaelab.models.networks import Decoder, Encoder
 
 
 class VAE(VAEBase):
-    name = "vanilla"
-
     def __init__(
         self,
         image_shape: tuple[int, ...],
@@ -26,10 +25,9 @@ class VAE(VAEBase):
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
+        check_args(self.ARGS, locals())
         super().__init__(image_shape, likelihood, prior)
-        src = "conf/model/"
-        self.latent_dim = positive_int(latent_dim, "model.latent_dim", src)
-        positive_int(hidden_dim, "model.hidden_dim", src)
+        self.latent_dim = latent_dim
         self.encoder = encoder or Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
         self.decoder = decoder or Decoder(
             latent_dim, self.image_shape, self.likelihood.num_params, hidden_dim, num_hidden, network
@@ -53,11 +51,11 @@ class VAE(VAEBase):
         log_p_x = self.likelihood.log_prob(x, self.decoder(z))  # [k, B]
         return log_p_x + self.prior.log_prob(z) - log_normal_diag(z, q_mu, q_logvar)
 
-    def sample_latents(self, n: int) -> Tensor:
-        return self.prior.sample(n)
+    def sample_latents(self, n: int) -> list[Tensor]:
+        return [self.prior.sample(n)]
 
-    def decode_mean(self, z: Tensor | list[Tensor]) -> Tensor:
-        z = z[0] if isinstance(z, (list, tuple)) else z
+    def decode_mean(self, zs: list[Tensor]) -> Tensor:
+        (z,) = zs
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
@@ -67,4 +65,4 @@ class VAE(VAEBase):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         q_mu, q_logvar = self.encoder(x)
-        return self.decode_mean(reparameterize(q_mu, q_logvar))
+        return self.decode_mean([reparameterize(q_mu, q_logvar)])

@@ -210,7 +210,7 @@ def plot_samples(root: Path, runs: list[Run]) -> Path:
 def log_to_wandb(root: Path, rows: list[dict], figures: list[Path], project: str) -> None:
     import wandb
 
-    from vaelab.loggers import resolve_wandb_mode
+    from vaelab.training.loggers import resolve_wandb_mode
 
     run = wandb.init(project=project, job_type="report", name=f"report-{root.name}", group=root.name,
                      dir=str(root), mode=resolve_wandb_mode("auto"))

@@ -4,57 +4,32 @@ for any checkpoint, the model rebuilt from the config saved with it. Results go 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from vaelab.engine import matmul_precision
-from vaelab.errors import ConfigError, run_or_explain
-from vaelab.metrics import ActiveUnits, ElboMeans, ImportanceSampledNLL, bits_per_dim, importance_log_weights
-from vaelab.runs import refuse_unknown_keys, restore
-from vaelab.train import CONF_DIR
+from vaelab.checks import Arg, one_of, positive_int
+from vaelab.cli.config import CONF_DIR, check_keys, refuse_unknown_keys, restore
+from vaelab.devices import MATMUL_PRECISION, matmul_precision, pick_device
+from vaelab.errors import run_or_explain
+from vaelab.evaluation.metrics import IMPORTANCE_ARGS, evaluate
 
-log = logging.getLogger("vaelab")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@torch.no_grad()
-def evaluate(model, loader, importance_samples: int, points_per_pass: int | str, device: torch.device,
-             seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """Every test metric over a loader, as sums that a DDP run would reduce the same way."""
-    nll, means = ImportanceSampledNLL().to(device), ElboMeans(len(model.latent_dims)).to(device)
-    active = [ActiveUnits(d).to(device) for d in model.latent_dims]
-    model = model.to(device)
-    for batch in tqdm(loader, desc=f"test NLL, K={importance_samples}", disable=not progress, unit="batch"):
-        x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        x = x.to(device)
-        terms = model.elbo_terms(x)
-        means.update(terms.recon, terms.kl_layers)
-        for metric, mu in zip(active, model.posterior_means(x)):
-            metric.update(mu)
-        nll.update(importance_log_weights(model, x, importance_samples, points_per_pass, index=index, seed=seed))
-    value = float(nll.compute())
-    out = {f"test/{k}": float(v) for k, v in means.compute().items()}
-    out.update({"test/nll": value, "test/nll_mc_se": float(nll.standard_error()), "test/bpd": float(bits_per_dim(value, model.num_pixels)),
-                "test/active_units": float(sum(int(a.compute()) for a in active))})
-    return out
+# conf/eval.yaml's keys with rules of their own; the importance sampler's are its own rules
+EVAL_ARGS: dict[str, Arg] = {
+    "importance_samples": IMPORTANCE_ARGS["importance_samples"],
+    "points_per_pass": IMPORTANCE_ARGS["points_per_pass"],
+    "split": one_of("split", "test", "val"),
+    "batch_size": positive_int("batch_size"),
+    "subset": positive_int("subset", nullable=True),
+    "matmul_precision": MATMUL_PRECISION,
+}
 
 
 def run(cfg: DictConfig) -> dict:
-    if cfg.importance_samples is None or int(cfg.importance_samples) <= 0:
-        raise ConfigError(f"importance_samples must be a positive integer, got {cfg.importance_samples}")
-    if cfg.split not in ("test", "val"):
-        raise ConfigError(f"split must be test or val, got {cfg.split!r}")
+    check_keys(cfg, EVAL_ARGS.items())
     refuse_unknown_keys(cfg, "vaelab-eval", Path(CONF_DIR) / "eval.yaml")
     torch.manual_seed(cfg.seed)
     saved, datamodule, model = restore(cfg.ckpt_path, {"root": cfg.data_root, "subset": cfg.subset,

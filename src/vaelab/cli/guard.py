@@ -105,9 +105,9 @@ atexit.register(release)
 def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     """A checkpoint this start would continue from (ckpt_path, or the run's last.ckpt with resume=auto) must be
     readable and hold the configured model's weights."""
-    from vaelab.checkpoints import check_weights, load_checkpoint, model_state
+    from vaelab.cli.config import build_model
     from vaelab.data import SOURCES
-    from vaelab.runs import build_model
+    from vaelab.training.checkpoints import check_weights, load_checkpoint, model_state
 
     path = cfg.get("ckpt_path")
     if not path and cfg.get("resume") == "auto" and (run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -129,7 +129,7 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if not is_launcher_process():
             return
-        from vaelab.validation import validate
+        from vaelab.cli.config import validate
 
         run_dir = Path(str(config.hydra.run.dir)).absolute()
         try:

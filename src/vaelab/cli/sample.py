@@ -10,11 +10,10 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
+from vaelab.cli.config import CONF_DIR, refuse_unknown_keys, restore
+from vaelab.devices import pick_device
 from vaelab.errors import run_or_explain
-from vaelab.evaluate import pick_device
-from vaelab.runs import refuse_unknown_keys, restore
-from vaelab.sampling import all_grids
-from vaelab.train import CONF_DIR
+from vaelab.evaluation.grids import all_grids
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:

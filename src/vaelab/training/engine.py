@@ -21,20 +21,10 @@ from vaelab.models.base import ElboTerms
 
 log = logging.getLogger("vaelab")
 
-# matmul_precision=auto, by device. On an H200 TF32 ("high") trained vanilla / VampPrior / deep 1.24 / 1.26 /
-# 1.32x faster than fp32 and evaluated 1.6-1.8x faster, at the same test NLL (233.918 against 233.920, Monte
-# Carlo standard error 0.003); bf16 autocast was slower than fp32. On a CPU "highest" keeps fp32 as it was.
-AUTO_MATMUL_PRECISION = {"cpu": "highest", "cuda": "high"}
-
-
-def matmul_precision(setting: str, accelerator: str) -> str:
-    """torch's float32 matmul precision for `setting` (highest | high | medium | auto) on `accelerator` (a
-    Lightning accelerator name: cpu, gpu, cuda or auto)."""
-    if setting != "auto":
-        return setting
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return AUTO_MATMUL_PRECISION["cuda" if on_gpu else "cpu"]
-
+# trainer.steps_per_execution=auto, by device and engine, as measured by scripts/benchmarks/train_throughput.py
+# (README, Speed): on a CPU 10 steps spread Lightning's per-step cost over ten; on a GPU 10 steps per replay
+# come close to the bare graph loop, and 10 eager steps beat one.
+AUTO_STEPS = {"cpu": 10, "cuda": 10, "cuda_graph": 10}
 
 # Eager executions before capture: Adam's state must exist, and PyTorch's whole-network example warms up
 # on a side stream so that lazily created handles (cuBLAS workspaces) are not made inside the capture.

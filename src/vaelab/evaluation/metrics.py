@@ -1,80 +1,37 @@
-"""Metrics kept as summed states, so they are right on one process and on many (DDP)."""
+"""Test and validation metrics, kept as summed torchmetrics states so they are right on one process and on
+many (DDP): -ELBO's terms, the importance-sampled NLL, active units and bits/dim, as one bundle (`EvalMetrics`)
+that training and vaelab-eval alike update and compute. A new metric is added here, once."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
-from vaelab.errors import ConfigError
-
-_M32 = 0xFFFFFFFF
-
-
-def _fmix32_int(x: int) -> int:
-    """MurmurHash3's 32-bit finaliser on a Python int."""
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def _signed32(c: int) -> int:
-    return c - 2**32 if c >= 2**31 else c
-
-
-_C1, _C2 = _signed32(0x85EBCA6B), _signed32(0xC2B2AE35)
-
-
-def _fmix32(x: Tensor) -> Tensor:
-    """MurmurHash3's finaliser on int32 tensors holding the bits of unsigned 32-bit values: products wrap
-    modulo 2^32 as unsigned ones do, and the masks make the right shifts logical (int32 halves the memory
-    traffic of an int64 version; the values are the same bit for bit)."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _C1
-    x = x ^ ((x >> 13) & 0x7FFFF)
-    x = x * _C2
-    return x ^ ((x >> 16) & 0xFFFF)
-
-
-def _uniform(lo: Tensor, hi: Tensor, seed_hash: int) -> Tensor:
-    """A uniform in (0, 1), float64, from the 64-bit counter hi * 2^32 + lo and the seed."""
-    h = _fmix32(_fmix32(lo ^ _signed32(seed_hash)) ^ hi).double()
-    h = torch.where(h < 0, h + 2.0**32, h)  # the unsigned value of the bits
-    return (h + 0.5) / 2.0**32
-
-
-def counter_normal(seed: int, index: Tensor, first_sample: int, k: int, dim: int) -> Tensor:
-    """Standard normal draws [k, B, dim] that are a pure function of (seed, image index, sample number,
-    dimension): common random numbers, so an image's importance-sampled estimate is the same whatever the
-    batch, the chunking of samples, the device count or the order of images (Box-Muller on a counter hash)."""
-    device = index.device
-    s = torch.arange(first_sample, first_sample + k, device=device)[:, None, None]
-    i = index.long()[None, :, None]
-    d = torch.arange(dim, device=device)[None, None, :]
-    counter = ((i * 2**24 + s) * dim + d) * 2  # [k, B, dim]; distinct for < 2^20 images, < 2^24 samples
-    lo, hi = (counter & _M32).to(torch.int32), (counter >> 32).to(torch.int32)  # the counter's two halves
-    seed_hash = _fmix32_int(seed & _M32)
-    u1, u2 = _uniform(lo, hi, seed_hash), _uniform(lo + 1, hi, seed_hash)  # counter + 1: lo is even, no carry
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
-
+from vaelab.checks import Arg, check_args, positive_int
+from vaelab.evaluation.noise import counter_normal
 
 # (sample, image) pairs per decoder pass with points_per_pass="auto": on a CPU larger passes gain nothing; on a
-# GPU small passes leave it launch-bound (5,000 points made the batched estimator slower than a per-image loop
-# on an H200), and 200,000 points of a 784-pixel MLP decoder take about 2.5 GB of activations.
+# GPU small passes leave it launch-bound (README, Speed), and 200,000 points of a 784-pixel MLP decoder take
+# about 2.5 GB of activations.
 AUTO_POINTS_PER_PASS = {"cpu": 5_000, "cuda": 200_000}
+
+
+# The arguments of the importance-sampled NLL, wherever they are configured (eval.* in conf/train.yaml,
+# conf/eval.yaml)
+IMPORTANCE_ARGS: dict[str, Arg] = {
+    "importance_samples": positive_int("eval.importance_samples"),
+    "points_per_pass": positive_int("eval.importance_points_per_pass", auto=True),
+}
 
 
 def points_per_pass_for(points_per_pass: int | str, device: torch.device) -> int:
     """eval.importance_points_per_pass as a number: "auto" picks by device (AUTO_POINTS_PER_PASS)."""
+    IMPORTANCE_ARGS["points_per_pass"].check(points_per_pass)
     if points_per_pass == "auto":
         return AUTO_POINTS_PER_PASS.get(device.type, AUTO_POINTS_PER_PASS["cuda"])
-    if isinstance(points_per_pass, bool) or not isinstance(points_per_pass, int) or points_per_pass <= 0:
-        raise ConfigError(f"points per pass must be auto or a positive number of (image, sample) pairs, "
-                          f"got {points_per_pass!r}")
     return points_per_pass
 
 
@@ -192,3 +149,62 @@ class ActiveUnits(Metric):
 def bits_per_dim(nll_nats: Tensor | float, num_dims: int) -> Tensor | float:
     """nats per example -> bits per dimension."""
     return nll_nats / (num_dims * math.log(2.0))
+
+
+class EvalMetrics(nn.Module):
+    """Every metric of an evaluation pass, as one bundle: the means of -ELBO's terms ({stage}/loss, /elbo, /recon,
+    /kl, /kl_l), active units ({stage}/active_units, /active_units_l) and, with `importance_samples`, the
+    importance-sampled NLL ({stage}/nll, /nll_mc_se) and bits/dim ({stage}/bpd). Validation, test and vaelab-eval
+    all use it, so each metric is defined once."""
+
+    def __init__(self, latent_dims: list[int], num_pixels: int, importance_samples: int | None = None,
+                 points_per_pass: int | str = "auto", seed: int = 0) -> None:
+        super().__init__()
+        if importance_samples is not None:
+            check_args(IMPORTANCE_ARGS, {"importance_samples": importance_samples, "points_per_pass": points_per_pass})
+        self.num_pixels, self.importance_samples = num_pixels, importance_samples
+        self.points_per_pass, self.seed = points_per_pass, seed
+        self.means = ElboMeans(len(latent_dims))
+        self.active = nn.ModuleList(ActiveUnits(d) for d in latent_dims)
+        self.nll = ImportanceSampledNLL() if importance_samples is not None else None
+
+    @torch.no_grad()
+    def update(self, model, x: Tensor, index: Tensor | None = None) -> None:
+        """One batch: x [B, C, H, W]; index, the images' positions in their data set, keys the NLL's common random
+        numbers (without it, fresh draws)."""
+        terms = model.elbo_terms(x)
+        self.means.update(terms.recon, terms.kl_layers)
+        for metric, mu in zip(self.active, model.posterior_means(x)):
+            metric.update(mu)
+        if self.nll is not None:
+            self.nll.update(importance_log_weights(model, x, self.importance_samples, self.points_per_pass,
+                                                   index=index, seed=self.seed))  # [K, B]
+
+    def compute(self, stage: str) -> dict[str, Tensor]:
+        out = {f"{stage}/{k}": v for k, v in self.means.compute().items()}
+        if self.nll is not None:
+            nll = self.nll.compute()
+            out.update({f"{stage}/nll": nll, f"{stage}/nll_mc_se": self.nll.standard_error(),
+                        f"{stage}/bpd": bits_per_dim(nll, self.num_pixels)})
+        counts = [m.compute() for m in self.active]
+        out[f"{stage}/active_units"] = torch.as_tensor(sum(counts), dtype=torch.float32)
+        if len(counts) > 1:
+            out.update({f"{stage}/active_units_{i + 1}": c.float() for i, c in enumerate(counts)})
+        return out
+
+    def reset(self) -> None:
+        for metric in (self.means, *self.active, *([self.nll] if self.nll is not None else [])):
+            metric.reset()
+
+
+def evaluate(model, loader, importance_samples: int, points_per_pass: int | str, device: torch.device,
+             seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Every test metric of `model` over a loader of images or (images, indices), as plain floats."""
+    from tqdm.auto import tqdm
+
+    metrics = EvalMetrics(model.latent_dims, model.num_pixels, importance_samples, points_per_pass, seed).to(device)
+    model = model.to(device)
+    for batch in tqdm(loader, desc=f"test NLL, K={importance_samples}", disable=not progress, unit="batch"):
+        x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        metrics.update(model, x.to(device), index)
+    return {k: float(v) for k, v in metrics.compute("test").items()}

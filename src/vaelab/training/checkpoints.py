@@ -1,11 +1,10 @@
-"""Checkpoints: loaded safely (weights_only: no pickled code runs) and rebuilt from the config saved in them."""
+"""Checkpoints: loaded safely (weights_only: no pickled code runs), and their weights checked against a model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from vaelab.errors import CheckpointError
 
@@ -26,10 +25,6 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{p} was not written by vaelab-train (it holds no saved config); pass a checkpoint "
                               "from a vaelab run directory.")
     return ckpt
-
-
-def checkpoint_config(ckpt: dict) -> DictConfig:
-    return OmegaConf.create(ckpt["vaelab_config"])
 
 
 def model_state(ckpt: dict) -> dict:

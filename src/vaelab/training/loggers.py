@@ -1,4 +1,5 @@
-"""Experiment loggers. W&B runs online when credentials and the network are there, else offline."""
+"""Experiment loggers and the W&B life cycle. W&B runs online when credentials and the network are there, else
+offline; a resumed run continues its W&B run; every run ends its W&B run once, whatever ended the run."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+from vaelab.checks import one_of
 
 log = logging.getLogger(__name__)
-MODES = ("auto", "online", "offline", "disabled")
 
 
 def wandb_credentials() -> bool:
@@ -34,11 +37,7 @@ def wandb_reachable(host: str = "api.wandb.ai", timeout: float = 3.0) -> bool:
 
 def resolve_wandb_mode(mode: str = "auto") -> str:
     """auto: WANDB_MODE if set, else online with credentials and network, else offline."""
-    if mode not in MODES:
-        from vaelab.errors import ConfigError
-
-        raise ConfigError(f"logger.wandb.mode must be one of {', '.join(MODES)}, got {mode!r} (conf/logger/wandb.yaml)")
-    if mode != "auto":
+    if wandb_logger.ARGS["mode"].check(mode) != "auto":
         return mode
     if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled", "dryrun"):
         return "offline" if os.environ["WANDB_MODE"] == "dryrun" else os.environ["WANDB_MODE"]
@@ -74,6 +73,9 @@ def wandb_logger(
     )
     logger.vaelab_log_model_offline = bool(log_model) and resolved == "offline"
     return logger
+
+
+wandb_logger.ARGS = {"mode": one_of("logger.wandb.mode", "auto", "online", "offline", "disabled")}
 
 
 def log_checkpoints_offline(logger: WandbLogger, checkpoint_callback) -> None:
@@ -118,3 +120,57 @@ class AppendingCSVLogger(CSVLogger):
                 experiment.metrics_keys = kept.splitlines()[0].split(",")
             return experiment
         return self._experiment
+
+
+class RunLoggers:
+    """A run's loggers, and the life cycle of its W&B run (if it has one): `start` sends the config and gives the
+    run id to keep for a resume, `finish` ends it once, `preempted` marks it as preempted first."""
+
+    def __init__(self, loggers: list) -> None:
+        self.loggers = loggers
+        self.wandb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+
+    def start(self, run_config: dict, **extra) -> str | None:
+        """Log the run's config (and extra values) to W&B, on rank 0 only (other DDP ranks hold no W&B run);
+        return the W&B run id."""
+        run_id = None
+        for lg in self.wandb:
+            if rank_zero_only.rank == 0:
+                lg.log_hyperparams(run_config)
+                lg.experiment.config.update(extra, allow_val_change=True)
+                run_id = lg.experiment.id
+        return run_id
+
+    def results(self, checkpoint_callback) -> tuple[dict | None, Path | None]:
+        """At the end of a finished run (rank 0): offline checkpoint artifacts, and the W&B run's id, mode and
+        local directory for results.json."""
+        entry, run_dir = None, None
+        for lg in self.wandb:
+            log_checkpoints_offline(lg, checkpoint_callback)
+            run_dir = wandb_run_dir(lg)
+            entry = {"id": lg.experiment.id, "mode": lg.experiment.settings.mode,
+                     "dir": str(run_dir) if run_dir else None}
+        return entry, run_dir
+
+    def preempted(self) -> None:
+        if self.wandb:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.mark_preempting()
+        self.finish()
+
+    def finish(self, exit_code: int = 0) -> None:
+        """End the W&B run, so that each run of a sweep ends before the next starts."""
+        if self.wandb:
+            import wandb
+
+            wandb.finish(exit_code=exit_code)
+
+
+def finish_any_wandb_run(exit_code: int = 1) -> None:
+    """End a W&B run that an error left open (without importing wandb when no run started)."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish(exit_code=exit_code)

@@ -1,5 +1,6 @@
 """Image grids that show what a VAE learned: prior samples, reconstructions, latent interpolations and
-latent traversals. Plain PyTorch on the model protocol; used by the training callback and vaelab-sample."""
+latent traversals (and a VampPrior's pseudo-inputs). Plain PyTorch on the model protocol; used by the training
+callback and vaelab-sample."""
 
 from __future__ import annotations
 
@@ -10,11 +11,6 @@ from torchvision.utils import make_grid
 
 def _grid(images: Tensor, nrow: int) -> Tensor:
     return make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=0.5)
-
-
-def _decode(model, zs: list[Tensor]) -> Tensor:
-    """Decode per-layer latents (layer 1 first), whatever the number of layers."""
-    return model.decode_mean(zs if len(zs) > 1 else zs[0])
 
 
 @torch.no_grad()
@@ -38,7 +34,7 @@ def interpolation_images(model, x_a: Tensor, x_b: Tensor, steps: int = 10) -> Te
     means_a, means_b = model.posterior_means(x_a), model.posterior_means(x_b)  # lists of [P, D_l]
     t = torch.linspace(0, 1, steps, device=x_a.device)[:, None, None]  # [steps, 1, 1]
     zs = [((1 - t) * a + t * b).reshape(-1, a.shape[-1]) for a, b in zip(means_a, means_b)]  # [steps*P, D]
-    images = _decode(model, zs).reshape(steps, x_a.shape[0], *x_a.shape[1:])
+    images = model.decode_mean(zs).reshape(steps, x_a.shape[0], *x_a.shape[1:])
     return images.transpose(0, 1)
 
 
@@ -67,7 +63,7 @@ def traversal_images(model, x: Tensor, dims: list[int], values: Tensor, layer: i
     for d in dims:
         zs = [m.expand(len(values), -1).clone() for m in means]
         zs[layer][:, d] = values.to(zs[layer])
-        rows.append(_decode(model, zs))
+        rows.append(model.decode_mean(zs))
     return torch.stack(rows)
 
 

@@ -1,0 +1,125 @@
+"""The config side of the apps: where conf/ is, validation of a composed config against the rules each class
+declares (its ARGS), checks across config groups, and building objects (and whole trained models) from
+configs with Hydra's instantiate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.checks import Arg
+from vaelab.cli.rundirs import RESUME
+from vaelab.data import SOURCES
+from vaelab.devices import MATMUL_PRECISION
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.training.checkpoints import load_checkpoint, load_weights, model_state
+from vaelab.training.module import VAEModule
+
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+_ABSENT = "__absent__"
+
+# vaelab-train's own keys; the others belong to the objects the config builds, which declare them as ARGS
+TRAIN_ARGS = [Arg("seed", "int", 0), Arg("trainer.max_epochs", "int", 1, nullable=True), MATMUL_PRECISION, RESUME]
+
+
+def target_args(node) -> dict[str, Arg]:
+    """The ARGS of the class or function a config node instantiates (none if it names none, or none that
+    imports: instantiate then says what is wrong)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    try:
+        return getattr(get_object(target), "ARGS", {}) if target else {}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def check_keys(cfg: DictConfig, rules: Iterable[tuple[str, Arg]]) -> None:
+    """Check each config key present in cfg against its rule; the first wrong value raises ConfigError."""
+    for key, arg in rules:
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if value != _ABSENT:
+            arg.check(value, key)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every value of a vaelab-train config, before anything is built or written: the app's own keys, the
+    training module's (loss, optim, eval, trainer.steps_per_execution, cuda_graphs), and those of each object
+    the config instantiates (data, model, prior, likelihood, loggers, callbacks), by the rules they declare."""
+    rules = [(arg.key, arg) for arg in TRAIN_ARGS] + [(arg.key, arg) for arg in VAEModule.ARGS.values()]
+    for group in ("data", "model", "prior", "likelihood"):
+        rules += [(f"{group}.{name}", arg) for name, arg in target_args(cfg.get(group)).items()]
+    for group in ("logger", "callbacks"):
+        for entry, node in (cfg.get(group) or {}).items():
+            rules += [(f"{group}.{entry}.{name}", arg) for name, arg in target_args(node).items()]
+    check_keys(cfg, rules)
+
+
+def check_consistency(cfg: DictConfig, binary: bool) -> None:
+    """Checks across config groups: the likelihood must fit the data."""
+    lik = cfg.likelihood.get("name", "")
+    if lik == "gaussian" and binary:
+        raise ConfigError(
+            f"likelihood=gaussian does not fit binarised data (data.binarize={cfg.data.binarize}); "
+            "use likelihood=bernoulli, or data.binarize=none for grey-scale images"
+        )
+    source = SOURCES.get(cfg.data.name)
+    if lik == "bernoulli" and not binary and source is not None and source.channels > 1:
+        raise ConfigError(f"likelihood=bernoulli does not fit colour images (data={cfg.data.name}); "
+                          "use likelihood=gaussian")
+
+
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, with our own errors unwrapped so people see the sentence, not the wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, VaelabError):
+            raise exc.__cause__ from None
+        raise
+
+
+def spec(node: DictConfig) -> DictConfig:
+    """A model-part config without its `name`, which labels runs and is no constructor argument."""
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"})
+
+
+def build_model(cfg: DictConfig, image_shape) -> torch.nn.Module:
+    likelihood = build(spec(cfg.likelihood))
+    prior = build(spec(cfg.prior))  # a partial: the model builds it with its own latent size and encoder
+    try:
+        return build(spec(cfg.model), image_shape=image_shape, likelihood=likelihood, prior=prior)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, MemoryError) or (isinstance(cause, RuntimeError) and "alloc" in str(cause).lower()):
+            sizes = ", ".join(f"model.{k}={cfg.model[k]}" for k in ("hidden_dim", "latent_dim", "num_layers")
+                              if k in cfg.model)
+            raise ConfigError(f"the model is too large for this machine's memory ({sizes}); lower "
+                              "model.hidden_dim or model.latent_dim") from None
+        raise
+
+
+def restore(ckpt_path: str | Path, data_overrides: dict | None = None):
+    """(config, data module set up, model with the checkpoint's weights, in eval mode)."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = OmegaConf.create(ckpt["vaelab_config"])
+    data_cfg = OmegaConf.merge(cfg.data, {k: v for k, v in (data_overrides or {}).items() if v is not None})
+    datamodule = build(data_cfg)
+    datamodule.setup("test")
+    model = build_model(cfg, datamodule.image_shape)
+    load_weights(model, model_state(ckpt), ckpt_path)
+    return cfg, datamodule, model.eval()
+
+
+def refuse_unknown_keys(cfg: DictConfig, app: str, config_file: Path) -> None:
+    """vaelab-eval and vaelab-sample rebuild the model, prior, likelihood and data from the checkpoint: an
+    override such as +model=vanilla would be silently ignored, so it is refused instead."""
+    own = set(OmegaConf.load(config_file).keys()) | {"hydra", "defaults"}
+    unknown = sorted(set(cfg.keys()) - own)
+    if unknown:
+        raise ConfigError(f"{app} rebuilds the model, prior, likelihood and data from the checkpoint's own config, "
+                          f"so {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among its options; "
+                          f"remove {'it' if len(unknown) == 1 else 'them'} (its options: conf/{config_file.name})")

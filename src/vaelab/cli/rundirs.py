@@ -1,0 +1,110 @@
+"""Run directories: where a run or a sweep writes (a new directory, or with resume=auto the one to continue),
+whether a run has finished, which checkpoint a start continues from, and what survives a preemption besides
+the checkpoint (run_state.json). Registers the resolvers conf/hydra/default.yaml names directories with."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.checks import one_of
+
+RESUME = one_of("resume", None, "auto")
+# a run's default directory: its start time and a short random id, so two runs started in the same second
+# (another seed, another user on the same file system) never share one
+_STARTED = f"{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+_SWEEP_DIRS: dict[str, str] = {}
+
+
+def _comparable(overrides) -> list[str]:
+    return sorted(str(o) for o in overrides if not str(o).startswith(("resume=", "hydra.")))
+
+
+def finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((Path(run_dir) / "results.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def run_dir(base: str, resume, overrides) -> str:
+    """The run directory: a new timestamped one, or with resume=auto the newest unfinished run of the same
+    command (same overrides, resume= aside) that has a checkpoints/last.ckpt to continue from."""
+    fresh = f"{base}/{_STARTED}"
+    if str(resume) != "auto":
+        return fresh
+    want, found = _comparable(overrides), []
+    for d in Path(base).glob("*"):
+        overrides_file, last = d / ".hydra" / "overrides.yaml", d / "checkpoints" / "last.ckpt"
+        if overrides_file.is_file() and last.is_file() and not finished(d):
+            if _comparable(OmegaConf.load(overrides_file)) == want:
+                found.append((last.stat().st_mtime, str(d)))
+    return max(found)[1] if found else fresh
+
+
+def sweep_dir(base: str, resume, overrides) -> str:
+    """A sweep's directory: a new one, or with resume=auto the newest sweep of the same command (the same
+    overrides, resume= aside, as its multirun.yaml records them), whose unfinished jobs then continue and whose
+    finished jobs are not trained again. Resolved once per process: Hydra resolves it again for each job, whose
+    own overrides are one point of the sweep's."""
+    if base not in _SWEEP_DIRS:
+        _SWEEP_DIRS[base] = _find_sweep_dir(base, resume, overrides)
+    return _SWEEP_DIRS[base]
+
+
+def _find_sweep_dir(base: str, resume, overrides) -> str:
+    fresh = f"{base}/{_STARTED}"
+    if str(resume) != "auto":
+        return fresh
+    want, found = _comparable(overrides), []
+    for d in Path(base).glob("*"):
+        saved = d / "multirun.yaml"
+        if saved.is_file():
+            task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=None)
+            if task is not None and _comparable(task) == want:
+                found.append((saved.stat().st_mtime, str(d)))
+    return max(found)[1] if found else fresh
+
+
+def resume_from(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to continue from: ckpt_path if given, else with resume=auto (or in a job that submitit
+    requeued) the run's last.ckpt."""
+    resume = RESUME.check(cfg.get("resume"))
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    requeued = bool(os.environ.get("SUBMITIT_EXECUTOR")) and (out_dir / "run_state.json").is_file()
+    return str(last) if (resume == "auto" or requeued) and last.is_file() else None
+
+
+@dataclass
+class RunState:
+    """What survives a preemption besides the checkpoint (run_state.json): the W&B run to continue, the training
+    time so far, and how often the run was preempted."""
+
+    train_time_s: float = 0.0
+    preemptions: int = 0
+    wandb_run_id: str | None = None
+
+    @classmethod
+    def load(cls, out_dir: Path) -> RunState:
+        try:
+            saved = json.loads((out_dir / "run_state.json").read_text())
+            return cls(**{k: saved[k] for k in ("train_time_s", "preemptions", "wandb_run_id") if k in saved})
+        except (OSError, ValueError, TypeError):
+            return cls()
+
+    def save(self, out_dir: Path) -> None:
+        (out_dir / "run_state.json").write_text(json.dumps(asdict(self)))
+
+
+OmegaConf.register_new_resolver("vaelab_run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("vaelab_sweep_dir", sweep_dir, replace=True)
+# ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
+OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)

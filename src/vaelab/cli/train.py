@@ -1,0 +1,226 @@
+"""vaelab-train: the Hydra app. Composes conf/, builds data, model, module, callbacks, loggers and Trainer,
+trains, tests on the best checkpoint, writes results.json and returns the metric sweepers optimise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, validate
+from vaelab.cli.rundirs import RunState, finished, resume_from
+from vaelab.devices import matmul_precision
+from vaelab.errors import ConfigError, VaelabError, run_or_explain
+from vaelab.training.callbacks import Preempted
+from vaelab.training.checkpoints import check_weights, load_checkpoint, model_state
+from vaelab.training.fit import fit
+from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
+from vaelab.training.module import VAEModule
+
+log = logging.getLogger("vaelab")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; return its results (also written to results.json)."""
+    validate(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("resume") == "auto" and finished(out_dir):  # a resumed sweep: this job is done already
+        print(f"vaelab: {out_dir} has finished already; not trained again.", flush=True)
+        return json.loads((out_dir / "results.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"),
+                                                        str(cfg.trainer.get("accelerator", "auto"))))
+    ckpt_path = resume_from(cfg, out_dir)
+    state = RunState.load(out_dir) if ckpt_path else RunState()
+
+    datamodule, model = build_data_and_model(cfg, ckpt_path)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    module = VAEModule(model, run_config=run_config, steps_per_execution=cfg.trainer.get("steps_per_execution", 1),
+                       cuda_graphs=cfg.get("cuda_graphs", "auto"), **cfg.loss, **cfg.optim, **cfg.eval)
+    if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
+        model.elbo_terms = torch.compile(model.elbo_terms)
+    loggers = build_loggers(cfg, state.wandb_run_id)
+    state.wandb_run_id = loggers.start(run_config, kl_estimator=model.kl_estimator) or state.wandb_run_id
+    trainer = build_trainer(cfg, loggers)
+
+    t0 = time.perf_counter()
+    stop = fit(trainer, module, datamodule, ckpt_path)
+    state.train_time_s += time.perf_counter() - t0
+    if stop is not None:
+        return preempted(stop, trainer, loggers, state, out_dir)
+
+    metrics, test_time = test_best(cfg, trainer, module, datamodule)
+    results = results_of(cfg, trainer, model, metrics, state, test_time, out_dir)
+    if trainer.is_global_zero:
+        results["wandb"], wandb_dir = loggers.results(trainer.checkpoint_callback)
+        if results["wandb"] is None:
+            del results["wandb"]
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print_summary(results, out_dir, wandb_dir)
+    loggers.finish()
+    return results
+
+
+def build_data_and_model(cfg: DictConfig, ckpt_path: str | None):
+    """The data module, set up for fitting, and the model, checked against the checkpoint to continue from."""
+    datamodule = build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    check_consistency(cfg, datamodule.is_binary)
+    model = build_model(cfg, datamodule.image_shape)
+    if cfg.prior.get("init") == "data" and hasattr(model.prior, "init_from_data") and not ckpt_path:
+        model.prior.init_from_data(datamodule.train_images())
+    if ckpt_path:  # refuse a broken or foreign checkpoint before anything starts
+        check_weights(model, model_state(load_checkpoint(ckpt_path)), ckpt_path)
+    return datamodule, model
+
+
+def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
+    if wandb_run_id and cfg.get("logger") and "wandb" in cfg.logger:
+        with open_dict(cfg):
+            cfg.logger.wandb.run_id = wandb_run_id  # continue the same W&B run
+    return RunLoggers([build(c) for c in (cfg.get("logger") or {}).values() if c is not None])
+
+
+def build_trainer(cfg: DictConfig, loggers: RunLoggers) -> L.Trainer:
+    """The Trainer with the configured callbacks; Lightning's rejection of a trainer setting is one sentence."""
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # the bar is configured in callbacks/, switched off here
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    trainer_cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                                    if k != "steps_per_execution"})  # vaelab's key, not a Trainer argument
+    try:
+        return build(trainer_cfg, callbacks=callbacks, logger=loggers.loggers)
+    except InstantiationException as exc:
+        if not isinstance(exc.__cause__, (MisconfigurationException, ValueError, TypeError)):
+            raise
+        loggers.finish()
+        reason = str(exc.__cause__).splitlines()[0]
+        raise ConfigError(f"Lightning rejected the trainer config (conf/trainer/): {reason}") from None
+
+
+def test_best(cfg: DictConfig, trainer: L.Trainer, module, datamodule) -> tuple[dict[str, float], float]:
+    """The last epoch's train/, val/ and perf/ figures, and the test/ ones of the best checkpoint (by val/loss);
+    and the seconds testing took."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/", "perf/"))}
+    checkpoints = trainer.checkpoint_callback
+    if checkpoints is not None and checkpoints.best_model_score is not None:
+        metrics["val/best_loss"] = float(checkpoints.best_model_score)
+    if not cfg.get("test", True):
+        return metrics, 0.0
+    t0 = time.perf_counter()
+    best = checkpoints.best_model_path if checkpoints is not None else ""
+    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    return metrics, time.perf_counter() - t0
+
+
+def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state: RunState, test_time: float,
+               out_dir: Path) -> dict:
+    """results.json of a finished run: what was trained, for how long, and its final metrics."""
+    checkpoints = trainer.checkpoint_callback
+    return {
+        "status": "finished",
+        "model": cfg.model.get("name", cfg.model._target_),
+        "prior": cfg.prior.get("name", "standard"),
+        "likelihood": cfg.likelihood.get("name", ""),
+        "data": cfg.data.name,
+        "binarize": cfg.data.binarize,
+        "seed": cfg.seed,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "train_time_s": round(state.train_time_s, 2),
+        "test_time_s": round(test_time, 2),
+        "preemptions": state.preemptions,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "importance_samples": cfg.eval.importance_samples,
+        "kl_estimator": model.kl_estimator,
+        "best_checkpoint": checkpoints.best_model_path if checkpoints else None,
+        "metrics": metrics,
+        "run_dir": str(out_dir),
+    }
+
+
+def preempted(stop: Preempted, trainer: L.Trainer, loggers: RunLoggers, state: RunState, out_dir: Path) -> dict:
+    """Record a preemption: the run state beside the checkpoint, a 'preempted' results.json, one message; under
+    submitit, then requeue the job."""
+    state.preemptions += 1
+    results = {"status": "preempted", "signal": stop.signal_name, "epoch": stop.epoch, "global_step": stop.step,
+               "checkpoint": str(stop.path), "metrics": {}, "run_dir": str(out_dir)}
+    if trainer.is_global_zero:
+        state.save(out_dir)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        then = ("submitit requeues the job, which continues from it" if stop.requeue else
+                "Run the same command with resume=auto to continue")
+        print(f"\nvaelab: stopped by {stop.signal_name} at epoch {stop.epoch}, step {stop.step}; checkpoint saved "
+              f"to {stop.path}. {then}.", flush=True)
+    loggers.preempted()
+    if stop.requeue is not None and trainer.is_global_zero:
+        stop.requeue()  # submitit's checkpoint-and-requeue: ends this process, to start again from the checkpoint
+    return results
+
+
+def print_summary(results: dict, out_dir: Path, wandb_dir: Path | None) -> None:
+    lines = [f"\nvaelab: {results['model']} / {results['prior']} prior / {results['likelihood']} on "
+             f"{results['data']} ({results['binarize']}), {results['epochs']} epochs, "
+             f"{results['train_time_s']:.0f} s training"]
+    lines += [f"  {key:<18} {value:.4f}" for key, value in results["metrics"].items() if key.startswith("test/")]
+    lines.append(f"  run directory      {out_dir}")
+    lines.append(f"  sample grids       {out_dir / 'samples'}")
+    if wandb_dir is not None:
+        mode = results.get("wandb", {}).get("mode")
+        lines.append(f"  W&B run            {wandb_dir} ({mode})")
+        if mode == "offline":
+            lines.append(f"  upload it later:   wandb sync {wandb_dir}")
+    print("\n".join(lines), flush=True)
+
+
+def objective(results: dict, name: str | None) -> float | None:
+    """The value sweepers (Optuna) optimise: a metric of the run, infinity when it is missing or not finite."""
+    if not name:
+        return None
+    value = results["metrics"].get(name)
+    return float(value) if value is not None and math.isfinite(value) else float("inf")
+
+
+def failed_in_sweep(cfg: DictConfig, exc: VaelabError) -> float | None:
+    """After a run's one-line error: end its W&B run; in a sweep, record the failure (results.json) and give
+    sweepers the worst value, so that one bad configuration does not end the others."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    log.error("%s", exc)
+    finish_any_wandb_run(exit_code=1)
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"status": "failed", "error": str(exc), "metrics": {}}))
+    return float("inf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    results = run_or_explain(train, cfg, on_error=lambda exc: failed_in_sweep(cfg, exc))
+    if isinstance(results, float):  # a failed run in a sweep
+        return results
+    if results["status"] == "preempted":
+        sys.exit(0)
+    return objective(results, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""ImageDataModule: a data set from the registry (sources.py), split, binarised and held in memory as tensors.
+Splits: the official training images cut into train / validation by a fixed permutation, and the official
+test set."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaelab.checks import Arg, check_args, one_of, positive_int
+from vaelab.data.loader import InMemoryImages, InMemoryLoader, bernoulli_draw, binarize_once
+from vaelab.data.sources import SOURCES, Source, load_images, synthetic_images
+from vaelab.errors import ConfigError
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Fashion-MNIST (default), MNIST, CIFAR-10 or synthetic shapes, as in-memory tensors.
+
+    binarize: none (grey-scale in [0, 1]) | static (one fixed Bernoulli draw) | dynamic (a fresh draw per
+    training batch; validation and test are drawn once with a fixed seed so they stay comparable).
+    subset: cap every split at this many images, for small fast runs.
+    device: keep the images on this device (e.g. cuda: all of Fashion-MNIST is 47 MB) instead of host memory;
+        auto: on the trainer's device when that is a GPU, else in host memory.
+    """
+
+    ARGS: dict[str, Arg] = {
+        "name": one_of("data.name", *SOURCES),
+        "binarize": one_of("data.binarize", "none", "static", "dynamic"),
+        "batch_size": positive_int("data.batch_size"),
+        "eval_batch_size": positive_int("data.eval_batch_size"),
+        "val_size": positive_int("data.val_size"),
+        "subset": positive_int("data.subset", nullable=True),
+    }
+
+    def __init__(
+        self,
+        name: str = "fashion_mnist",
+        root: str = "data",
+        binarize: str = "dynamic",
+        batch_size: int = 100,
+        eval_batch_size: int = 500,
+        val_size: int = 10_000,
+        subset: int | None = None,
+        split_seed: int = 0,
+        download: bool = True,
+        seed: int = 0,
+        device: str | None = "auto",
+    ) -> None:
+        check_args(self.ARGS, locals())
+        super().__init__()
+        self.name, self.root, self.binarize = name, root, binarize
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.subset, self.split_seed = val_size, subset, split_seed
+        self.download, self.seed, self.device = download, seed, device
+        self.source: Source = SOURCES[name]
+        self.image_shape: tuple[int, int, int] = self.source.image_shape
+        self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def is_binary(self) -> bool:
+        return self.binarize != "none"
+
+    def prepare_data(self) -> None:
+        if not self.source.generated:
+            load_images(self.name, self.root, self.download)
+
+    def _raw(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.source.generated:
+            n = (self.subset or 2000)
+            return synthetic_images(n + min(self.val_size, n), 1), synthetic_images(n, 2)
+        return load_images(self.name, self.root, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self._build()
+        device = self.device
+        if device == "auto":  # the trainer's GPU, once a trainer is attached; host memory otherwise
+            trainer = getattr(self, "trainer", None)
+            root = trainer.strategy.root_device if trainer is not None else None
+            device = root if root is not None and root.type == "cuda" else None
+        if device is not None:  # a GPU-resident data set: batches are cut where the model runs, nothing crosses the bus
+            for split in (self.train_set, self.val_set, self.test_set):
+                split.images = split.images.to(device)
+
+    def _build(self) -> None:
+        train_all, test = (torch.from_numpy(np.ascontiguousarray(a)) for a in self._raw())
+        if self.val_size >= train_all.shape[0]:
+            raise ConfigError(
+                f"data.val_size={self.val_size} leaves no training images out of {train_all.shape[0]}"
+            )
+        perm = torch.randperm(train_all.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
+        train, val = train_all[perm[self.val_size:]], train_all[perm[: self.val_size]]
+        if self.subset:
+            train, val, test = train[: self.subset], val[: self.subset], test[: self.subset]
+        if self.batch_size > train.shape[0]:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {train.shape[0]} training images; "
+                "lower data.batch_size or raise data.subset"
+            )
+        if self.binarize == "static":
+            train = binarize_once(train, self.split_seed + 1)
+        if self.is_binary:  # evaluation sets are binarised once, with a fixed seed
+            val, test = binarize_once(val, self.split_seed + 2), binarize_once(test, self.split_seed + 3)
+        self.train_set, self.val_set, self.test_set = InMemoryImages(train), InMemoryImages(val), InMemoryImages(test)
+
+    def train_images(self) -> Tensor:
+        """All training images as floats in [0, 1] (grey values, not binarised): for pseudo-input init."""
+        x = self.train_set.images
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+    def example_batch(self, n: int) -> Tensor:
+        """The first n validation images: a fixed batch for reconstruction grids."""
+        return self.val_set.__getitems__(list(range(min(n, len(self.val_set)))))
+
+    def _distributed(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> InMemoryLoader:
+        """Executions of the module's `execution_plan` (steps per execution, and whether to hand over image
+        indices on the device instead of images); one batch per step when the module has no plan."""
+        rank, world = self._distributed()
+        trainer = self.trainer
+        plan = getattr(trainer.lightning_module, "execution_plan", None) if trainer else None
+        return InMemoryLoader(
+            self.train_set, self.batch_size, shuffle=True, dynamic_binarize=self.binarize == "dynamic",
+            seed=self.seed, rank=rank, world_size=world,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
+            position_fn=(lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer else None,
+            steps_per_execution=getattr(plan, "steps", None), indices_on=getattr(plan, "indices_on", None),
+        )
+
+    def train_batch(self, indices: Tensor) -> Tensor:
+        """Training images at these indices, as floats, binarised afresh (default generator) when
+        binarize=dynamic: what the step engine cuts on the device, inside a CUDA graph too."""
+        x = self.train_set.__getitems__(indices)
+        return bernoulli_draw(x) if self.binarize == "dynamic" else x
+
+    def val_dataloader(self) -> InMemoryLoader:
+        rank, world = self._distributed()
+        return InMemoryLoader(self.val_set, self.eval_batch_size, rank=rank, world_size=world)
+
+    def test_dataloader(self) -> InMemoryLoader:
+        """Test batches are (images, their indices in the test set): the indices key the importance
+        sampling noise, so test/nll does not depend on batching or on the number of processes."""
+        rank, world = self._distributed()
+        return InMemoryLoader(self.test_set, self.eval_batch_size, with_index=True, rank=rank, world_size=world)

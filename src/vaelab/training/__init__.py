@@ -1,0 +1,8 @@
+"""Training with Lightning: VAEModule (module.py: -ELBO, warm-up, free bits, logging), the step engine
+(engine.py: N optimiser steps per Lightning step, eagerly or as one CUDA graph), what is kept from each step
+without a sync (tracking.py), the optimiser (optim.py), callbacks (callbacks/), loggers and the W&B life cycle
+(loggers.py), checkpoints (checkpoints.py) and trainer.fit with its early endings (fit.py)."""
+
+from vaelab.training.module import VAEModule
+
+__all__ = ["VAEModule"]

@@ -1,0 +1,105 @@
+"""Stop signals never lose work: on SIGTERM, SIGUSR1, SIGUSR2 or Ctrl-C a run saves where it is and stops
+cleanly, and under submitit its job is requeued to continue from that checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class Preemption(L.Callback):
+    """On every signal a scheduler or a person sends before a run is stopped (SIGTERM, SIGUSR1, SIGUSR2 - which
+    conf/hydra/launcher/slurm.yaml asks SLURM for before the time limit - and SIGINT, Ctrl-C): finish the current
+    execution, save checkpoints/last.ckpt (weights, optimiser, loop position, data order, RNG) and stop.
+    `resume=auto` with the same command then continues exactly where the run stopped. A second Ctrl-C stops at
+    once, as Ctrl-C always does. Under submitit (hydra/launcher=slurm or submitit_local) the signal is then handed
+    to submitit's own handler, which requeues the job; the requeued job continues from the checkpoint."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt", check_every_n_steps: int = 10) -> None:
+        self.path = Path(dirpath) / filename
+        self.check_every_n_steps = max(1, check_every_n_steps)  # DDP: how often ranks agree (one collective)
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+        self._agreed_at = 0  # global step of the ranks' last agreement
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take over the signals once Lightning and submitit have set their own handlers: ours only raise a flag.
+        The decision to stop is made at the end of an execution, agreed by all ranks (Lightning's SIGTERM handler
+        runs a collective inside the signal handler, which can deadlock DDP ranks mid-step)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._flag)
+
+    def _flag(self, signum, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal_name = self.signal_name or name
+        if name == "SIGINT":
+            print("\nvaelab: Ctrl-C: saving at the end of this step (Ctrl-C again to stop at once)", flush=True)
+
+    def requeue_handler(self):
+        """submitit's handler for the signal that stopped the run, as a callable that requeues the job (None
+        outside submitit): USR2 is submitit's own requeue signal; for SIGTERM, which submitit ignores, its
+        requeue is asked for all the same, since the run saved a checkpoint to continue from."""
+        import signal
+
+        if self.signal_name is None:
+            return None
+        handler = self._previous.get(getattr(signal, self.signal_name))
+        owner = getattr(handler, "__self__", None)
+        if owner is None or not type(owner).__module__.startswith("submitit"):
+            return None
+        return lambda: owner.checkpoint_and_try_requeue(getattr(signal, self.signal_name))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.signal_name is not None
+        if trainer.world_size > 1:  # every rank must agree, or the collective save would hang
+            if trainer.global_step - self._agreed_at < self.check_every_n_steps:  # the same on every rank
+                return
+            self._agreed_at = trainer.global_step
+            flag = torch.tensor([1.0 if stop else 0.0], device=pl_module.device)
+            stop = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+        if not stop:
+            return
+        self.signal_name = self.signal_name or "SIGTERM"
+        if hasattr(pl_module, "raise_if_nonfinite"):
+            pl_module.raise_if_nonfinite()  # never save broken weights
+        trainer.save_checkpoint(self.path)
+        raise Preempted(self.signal_name, trainer.current_epoch, trainer.global_step, self.path,
+                        self.requeue_handler())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption checkpoint is saved: ends the run cleanly (exit status 0)."""
+
+    def __init__(self, signal_name: str, epoch: int, step: int, path: Path, requeue=None) -> None:
+        super().__init__(0)
+        self.signal_name, self.epoch, self.step, self.path = signal_name, epoch, step, path
+        self.requeue = requeue  # submitit's requeue, to call once the run's state is written

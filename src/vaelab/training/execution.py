@@ -1,0 +1,66 @@
+"""How training steps run on this trainer: whether the whole step can be one CUDA graph, how many optimiser
+steps an execution holds, and the trainer's integer limits translated from optimiser steps into executions
+(Lightning counts training batches, which are executions here)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import lightning as L
+
+from vaelab.errors import ConfigError
+from vaelab.training.engine import AUTO_STEPS, ExecutionPlan
+
+log = logging.getLogger("vaelab")
+
+
+def plan_execution(module: L.LightningModule, cuda_graphs: bool | str, steps: int | str) -> ExecutionPlan:
+    """The execution plan for `module` on its trainer: graphs where they can be used (cuda_graphs=auto, saying
+    why not in one log line), or refused in one sentence (cuda_graphs=true); "auto" steps by device and engine."""
+    obstacle = graph_obstacle(module, cuda_graphs)
+    graphs = obstacle is None
+    if obstacle is not None and module.device.type == "cuda" and cuda_graphs is not False:
+        if cuda_graphs is True:
+            raise ConfigError(f"cuda_graphs=true, but {obstacle}; use cuda_graphs=auto or remove the obstacle")
+        log.info("cuda graphs: off (%s); training runs eagerly", obstacle)
+    if steps == "auto":
+        steps = AUTO_STEPS["cuda_graph" if graphs else ("cpu" if module.device.type == "cpu" else "cuda")]
+    count_limits_in_executions(module.trainer, steps)
+    if steps > 1:  # Lightning compares its batch count, executions here, with log_every_n_steps, in steps
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    return ExecutionPlan(steps, module.device if graphs else None)
+
+
+def graph_obstacle(module: L.LightningModule, cuda_graphs: bool | str) -> str | None:
+    """Why the whole step cannot be captured as a CUDA graph here, or None when it can."""
+    trainer = module.trainer
+    if cuda_graphs is False:
+        return "cuda_graphs=false"
+    if module.device.type != "cuda":
+        return f"training on {module.device.type}, not CUDA"
+    if trainer.world_size > 1:
+        return "DDP: the gradient all-reduce is not captured"
+    if getattr(trainer.strategy.precision_plugin, "scaler", None) is not None:
+        return f"trainer.precision={trainer.precision}: its loss scaler reads the gradients on the host"
+    if "elbo_terms" in vars(module.model):
+        return "compile=true: torch.compile makes its own graphs"
+    dm = getattr(trainer, "datamodule", None)
+    images = getattr(getattr(dm, "train_set", None), "images", None)
+    if images is None or not hasattr(dm, "train_batch"):
+        return "the training data does not come from vaelab's ImageDataModule"
+    if images.device != module.device:
+        return "the training images are in host memory; hold them on the GPU with data.device=cuda"
+    return None
+
+
+def count_limits_in_executions(trainer: L.Trainer, steps: int) -> None:
+    """Translate the trainer's integer limits, given in optimiser steps, into executions (once per fit)."""
+    for name in ("limit_train_batches", "val_check_interval"):
+        value = getattr(trainer, name)
+        if steps == 1 or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if value % steps:
+            raise ConfigError(f"trainer.{name}={value} counts optimiser steps and must be a multiple of "
+                              f"trainer.steps_per_execution={steps}")
+        setattr(trainer, name, value // steps)

@@ -1,0 +1,48 @@
+"""trainer.fit, with the two ways a run can end early turned into values and sentences: a stop signal's
+checkpoint (Preempted, returned) and a DDP peer that stopped answering (DistributedError, raised)."""
+
+from __future__ import annotations
+
+import signal
+
+import lightning as L
+import torch.distributed as dist
+
+from vaelab.errors import DistributedError
+from vaelab.training.callbacks.preemption import Preempted
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: str | None) -> Preempted | None:
+    """Train; return the Preempted stop when a signal ended training (its checkpoint saved), else None."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Preempted as stop:
+        return stop
+    except RuntimeError as exc:
+        if trainer.world_size > 1 and collective_failed(exc):
+            raise lost_process(trainer) from None
+        raise
+    return None
+
+
+def collective_failed(exc: BaseException) -> bool:
+    """A DDP collective that timed out or lost its peer (torch's DistError, or gloo's and NCCL's messages)."""
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL"))
+
+
+def lost_process(trainer: L.Trainer) -> DistributedError:
+    """One sentence for a DDP run whose other processes stopped answering; the processes this one started are
+    stopped too, so that none is left behind, frozen or waiting."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _SubprocessScriptLauncher):
+        launcher.kill(signal.SIGKILL)
+    timeout = getattr(trainer.strategy, "_timeout", None)
+    seconds = f"{timeout.total_seconds():.0f} s" if timeout is not None else "the collective timeout"
+    return DistributedError(
+        f"rank {trainer.global_rank}: another process of this DDP run stopped answering for {seconds} (frozen, "
+        "killed or its node lost); checkpoints saved so far are intact: continue with resume=auto, and if the "
+        "processes were only slow, raise trainer.strategy.timeout.seconds")

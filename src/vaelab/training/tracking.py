@@ -1,0 +1,104 @@
+"""What the training module keeps from each optimiser step without making the step wait for a GPU: a tracker
+of the first non-finite loss, and the per-step curves. Both take the step engine's rows,
+[n, L + 2] = (recon sum, each layer's KL sum, objective), and read them back to the host by pinned asynchronous
+copies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from vaelab.errors import NonFiniteLossError
+
+
+def _copy_to_host(t: Tensor) -> tuple[Tensor, torch.cuda.Event]:
+    """Start a copy of a CUDA tensor to pinned host memory; the event says when it has landed."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+class NonFiniteTracker:
+    """Remembers, on the device, the first step whose reconstruction or KL term was NaN or infinite, and stops
+    training with one sentence when it sees one. `check` reads it at intervals (on a GPU through the previous
+    asynchronous copy, so it never waits); `raise_if_any` reads it at once and runs before anything is saved,
+    so no checkpoint of broken weights is ever written."""
+
+    def __init__(self, num_layers: int, epoch_of: Callable[[int], int]) -> None:
+        self.num_layers, self.epoch_of = num_layers, epoch_of
+        self._first_bad: Tensor | None = None  # [3]: step, recon bad, KL bad; step -1 while all is well
+        self._probe: tuple[Tensor, torch.cuda.Event] | None = None
+
+    def track(self, stats: Tensor, step0: int) -> None:
+        """Note the first bad row of stats [n, >= L + 1], the rows of steps step0 .. step0 + n - 1 (no sync)."""
+        bad = ~torch.isfinite(stats[:, : 1 + self.num_layers])  # [n, 1 + L]
+        recon_bad, kl_bad = bad[:, 0], bad[:, 1:].any(1)  # [n]
+        any_bad = recon_bad | kl_bad
+        first = any_bad.int().argmax().reshape(1)  # the first bad step's row (0 if none)
+        if self._first_bad is None or self._first_bad.device != stats.device:
+            self._first_bad = torch.full((3,), -1, dtype=torch.long, device=stats.device)
+        now = torch.cat([first + step0, recon_bad.index_select(0, first).long(), kl_bad.index_select(0, first).long()])
+        self._first_bad = torch.where(any_bad.any() & (self._first_bad[0] < 0), now, self._first_bad)
+
+    def check(self) -> None:
+        """The periodic check: at once on a CPU; on a GPU, from the copy started at the previous check."""
+        if self._first_bad is None:
+            return
+        if self._first_bad.device.type != "cuda":
+            self.raise_if_any()
+            return
+        if self._probe is not None:
+            host, done = self._probe
+            if not done.query():
+                return
+            if int(host[0]) >= 0:
+                self.raise_if_any()
+        self._probe = _copy_to_host(self._first_bad)
+
+    def raise_if_any(self) -> None:
+        """One sync: raise NonFiniteLossError if any step so far had a NaN or infinite loss."""
+        if self._first_bad is None or int(self._first_bad[0]) < 0:
+            return
+        step, recon_bad, kl_bad = (int(v) for v in self._first_bad.tolist())
+        which = " and ".join(t for t, b in (("reconstruction term", recon_bad), ("KL term", kl_bad)) if b)
+        raise NonFiniteLossError(
+            f"Training stopped: the loss became NaN or infinite in the {which} at step {step} "
+            f"(epoch {self.epoch_of(step)}); lower optim.lr or check the data for NaNs. Checkpoints already "
+            "saved were not touched."
+        )
+
+
+class StepCurves:
+    """Per-step curves (train_step/*) of chosen optimiser steps, sent straight to the loggers at that step. On a
+    GPU a row is copied to host memory without a sync and logged once the copy has landed."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, Tensor, torch.cuda.Event | None, int, dict]] = []
+
+    def add(self, step: int, row: Tensor, batch_size: int, extra: dict) -> None:
+        """row: the step's [L + 2] statistics over batch_size images; extra: values to log beside them."""
+        if row.device.type == "cuda":
+            host, done = _copy_to_host(row)
+            self._pending.append((step, host, done, batch_size, extra))
+        else:
+            self._pending.append((step, row.clone(), None, batch_size, extra))
+
+    def flush(self, loggers, wait: bool = False) -> None:
+        """Log every row whose copy has landed (with wait, every row), in step order."""
+        while self._pending:
+            step, row, done, size, extra = self._pending[0]
+            if done is not None and not (wait or done.query()):
+                return
+            if done is not None:
+                done.synchronize()
+            self._pending.pop(0)
+            values = row.tolist()
+            recon, kl, objective = values[0] / size, sum(values[1:-1]) / size, values[-1]
+            metrics = {"train_step/loss": recon + kl, "train_step/elbo": -(recon + kl), "train_step/recon": recon,
+                       "train_step/kl": kl, "train_step/objective": objective, **extra}
+            for logger in loggers:
+                logger.log_metrics(metrics, step=step)

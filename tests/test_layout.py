@@ -1,0 +1,117 @@
+"""The house keeps its architecture: which layer may import what, no entry point imports another, short
+functions, and every allowed value declared once, by the object it belongs to, and read from there."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose
+
+from vaelab.cli.config import build_model, validate
+from vaelab.data import SOURCES
+from vaelab.errors import ConfigError
+
+SRC = ROOT / "src" / "vaelab"
+APPS = {"vaelab.cli.train", "vaelab.cli.eval", "vaelab.cli.sample", "vaelab.cli.report"}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports (at any depth, lazily or not)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def layer_imports(layer: str) -> dict[str, set[str]]:
+    return {str(p.relative_to(SRC)): imports(p) for p in (SRC / layer).rglob("*.py")}
+
+
+def _roots(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def test_only_cli_knows_hydra_and_models_know_no_framework():
+    for layer in ("models", "data", "training", "evaluation"):
+        for file, names in layer_imports(layer).items():
+            assert not _roots(names) & {"hydra", "omegaconf"}, f"{file} imports Hydra"
+            assert not any(n.startswith("vaelab.cli") for n in names), f"{file} imports the apps"
+    for file, names in layer_imports("models").items():
+        assert not _roots(names) & {"lightning", "wandb", "torchmetrics"}, file
+    for layer in ("models", "data", "evaluation"):
+        for file, names in layer_imports(layer).items():
+            assert "wandb" not in _roots(names) and not any(n.startswith("vaelab.training") for n in names), file
+
+
+LAYERS = ["base", "models", "data", "evaluation", "training", "cli"]  # each may import only those before it
+
+
+def _layer(module: str) -> str:
+    part = module.split(".")[1] if module.count(".") else ""
+    return part if part in LAYERS else "base"
+
+
+def test_each_layer_imports_only_the_layers_before_it():
+    for path in SRC.rglob("*.py"):
+        own = _layer("vaelab." + str(path.relative_to(SRC)).replace("/", "."))
+        if path == SRC / "train.py":
+            own = "cli"  # `python -m vaelab.train`: the training app under its earlier name
+        for name in imports(path):
+            if name.startswith("vaelab."):
+                assert LAYERS.index(_layer(name)) <= LAYERS.index(own), f"{path.relative_to(SRC)} imports {name}"
+
+
+def test_no_entry_point_imports_another():
+    for app in APPS:
+        path = SRC / (app.replace("vaelab.", "").replace(".", "/") + ".py")
+        assert not imports(path) & (APPS - {app}), f"{app} imports another app"
+    assert not imports(ROOT / "scripts" / "slurm_preview.py") & APPS
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
+    assert not long, long
+
+
+def test_every_data_set_is_one_registry_entry_and_one_small_yaml():
+    data_dir = ROOT / "conf" / "data"
+    yamls = {p.stem for p in data_dir.glob("*.yaml")} - {"common"}
+    assert yamls == set(SOURCES)
+    for name in SOURCES:
+        cfg = compose(f"data={name}").data
+        assert cfg.name == name and cfg._target_ == "vaelab.data.ImageDataModule"
+        own = [ln for ln in (data_dir / f"{name}.yaml").read_text().splitlines() if ln and not ln.startswith("#")]
+        assert own[:2] == ["defaults:", "  - common"] and len(own) <= 6, own  # the common keys are inherited
+
+
+def test_validation_reads_each_rule_from_the_class_that_declares_it():
+    """A new prior is one class (tests/custom_parts.py) and its config: its rules need no edit to validation."""
+    custom = ["prior._target_=custom_parts.ScaledNormal", "+prior.scale=-1"]
+    with pytest.raises(ConfigError, match=r"^prior.scale must be greater than 0, got -1$"):
+        validate(compose(*custom))
+    cfg = compose("prior._target_=custom_parts.ScaledNormal", "+prior.scale=2.0")
+    validate(cfg)
+    model = build_model(cfg, (1, 28, 28))
+    z = model.sample_latents(4000)[0]
+    assert abs(z.std().item() - 2.0) < 0.05 and model.kl_estimator.startswith("Monte Carlo")
+    # the data set's names come from the registry, the model's networks from the networks module
+    with pytest.raises(ConfigError, match="data.name must be one of " + ", ".join(SOURCES)):
+        validate(compose("data.name=imagenet"))
+    with pytest.raises(ConfigError, match="model.network must be one of mlp, conv, got 'rnn'"):
+        validate(compose("model.network=rnn"))
+
+
+@pytest.mark.parametrize("model_name", ["vanilla", "deep"])
+def test_latents_are_a_list_of_layers_for_every_model(model_name):
+    model = build_model(compose(f"model={model_name}"), (1, 28, 28))
+    zs = model.sample_latents(3)
+    assert isinstance(zs, list) and [z.shape for z in zs] == [torch.Size([3, d]) for d in model.latent_dims]
+    assert model.decode_mean(zs).shape == (3, 1, 28, 28)
