@@ -4,6 +4,7 @@ import csv
 import json
 import math
 
+import pytest
 import wandb_files
 from conftest import TINY, run_app
 
@@ -42,6 +43,16 @@ def test_train_writes_results_grids_csv_and_an_offline_wandb_run(train_run):
     assert list((Path(wb["dir"]) / "files" / "media" / "images").glob("images/samples_*.png"))
     config = wandb_files.config(wb["dir"])
     assert config["model"]["latent_dim"] == 40 and "closed-form" in config["kl_estimator"]
+    # as dashboards expect: epoch metrics against the epoch, the summary keeps the best val/loss, a results table
+    defined = {d["name"]: d for d in wandb_files.metric_definitions(wb["dir"])}
+    assert defined["val/*"]["step_metric"] == "epoch" and defined["val/loss"]["summary"] == ["min"]
+    best = min(float(r["val/loss"]) for r in rows if r.get("val/loss"))
+    assert wandb_files.summary(wb["dir"])["val/loss"] == {"min": pytest.approx(best, rel=1e-6)}
+    table = wandb_files.table(wb["dir"], "results")
+    row = dict(zip(table["columns"], table["data"][0]))
+    assert row["model"] == "vanilla" and row["test/nll"] == pytest.approx(results["metrics"]["test/nll"])
+    # the resolved config, printed as a tree at start
+    assert "config" in proc.stdout and "├── data" in proc.stdout and "name: fashion_mnist" in proc.stdout
 
 
 def test_gaussian_likelihood_on_grey_scale_with_other_sizes(train_run):

@@ -86,3 +86,28 @@ def artifacts(run_dir: Path) -> list[dict]:
     return [{"name": rec.artifact.name, "type": rec.artifact.type,
              "files": [e.path for e in rec.artifact.manifest.contents]}
             for rec in read_records(log) if rec.WhichOneof("record_type") == "artifact"]
+
+
+def metric_definitions(run_dir: Path) -> list[dict]:
+    """Every define_metric W&B recorded: name or glob, step metric, summary."""
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    return [{"name": rec.metric.name or rec.metric.glob_name, "step_metric": rec.metric.step_metric,
+             "summary": [f.name for f, v in rec.metric.summary.ListFields() if v]}
+            for rec in read_records(log) if rec.WhichOneof("record_type") == "metric"]
+
+
+def summary(run_dir: Path) -> dict:
+    """The run summary as W&B keeps it (its summary updates, the last value of each key)."""
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    out = {}
+    for rec in read_records(log):
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def table(run_dir: Path, key: str) -> dict:
+    """A logged wandb.Table, from its JSON file in the run's media folder: {"columns": [...], "data": [[...]]}."""
+    (path,) = (Path(run_dir) / "files" / "media" / "table").glob(f"{key}_*.table.json")
+    return json.loads(path.read_text())

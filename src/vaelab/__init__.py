@@ -1,2 +1,25 @@
-"""vaelab: experiment-tracked training of Variational Autoencoders."""
+"""vaelab: experiment-tracked training of Variational Autoencoders.
+
+The library, without Hydra:
+
+    from vaelab import VAE, VampPrior, Bernoulli, VAEModule, ImageDataModule, load_model
+
+The names load on first use, so `import vaelab` stays light."""
+
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "VAE": "vaelab.models", "HierarchicalVAE": "vaelab.models", "StandardNormal": "vaelab.models",
+    "VampPrior": "vaelab.models", "Bernoulli": "vaelab.models", "Gaussian": "vaelab.models",
+    "VAEModule": "vaelab.training.module", "ImageDataModule": "vaelab.data", "load_model": "vaelab.training.checkpoints",
+    "EvalMetrics": "vaelab.evaluation.metrics", "evaluate": "vaelab.evaluation.metrics",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vaelab' has no attribute {name!r}")

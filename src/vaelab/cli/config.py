@@ -16,11 +16,15 @@ from vaelab.checks import Arg
 from vaelab.cli.rundirs import RESUME
 from vaelab.data import SOURCES
 from vaelab.devices import MATMUL_PRECISION
-from vaelab.errors import ConfigError, VaelabError
-from vaelab.training.checkpoints import load_checkpoint, load_weights, model_state
+from vaelab.errors import CheckpointError, ConfigError, VaelabError
+from vaelab.models.spec import build_from_spec
+from vaelab.training.checkpoints import load_checkpoint, load_weights, model_spec, model_state
 from vaelab.training.module import VAEModule
+from vaelab.training.optim import SCHEDULER_OPTIONS
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+# the config directory inside the package: in a checkout src/vaelab/conf links to the top-level conf/ (the
+# source); a built wheel carries a copy, so an installed vaelab finds it wherever it runs
+CONF_DIR = str(Path(__file__).parent.parent / "conf")
 _ABSENT = "__absent__"
 
 # vaelab-train's own keys; the others belong to the objects the config builds, which declare them as ARGS
@@ -49,7 +53,7 @@ def validate(cfg: DictConfig) -> None:
     """Every value of a vaelab-train config, before anything is built or written: the app's own keys, the
     training module's (loss, optim, eval, trainer.steps_per_execution, cuda_graphs), and those of each object
     the config instantiates (data, model, prior, likelihood, loggers, callbacks), by the rules they declare."""
-    rules = [(arg.key, arg) for arg in TRAIN_ARGS] + [(arg.key, arg) for arg in VAEModule.ARGS.values()]
+    rules = [(arg.key, arg) for arg in [*TRAIN_ARGS, *VAEModule.ARGS.values(), *SCHEDULER_OPTIONS.values()]]
     for group in ("data", "model", "prior", "likelihood"):
         rules += [(f"{group}.{name}", arg) for name, arg in target_args(cfg.get(group)).items()]
     for group in ("logger", "callbacks"):
@@ -103,15 +107,26 @@ def build_model(cfg: DictConfig, image_shape) -> torch.nn.Module:
 
 
 def restore(ckpt_path: str | Path, data_overrides: dict | None = None):
-    """(config, data module set up, model with the checkpoint's weights, in eval mode)."""
+    """(labels of model, prior, likelihood and data; the data module, set up; the model with the checkpoint's
+    weights, in eval mode). The data come from the run's config (vaelab-train) or from the data module's saved
+    hyperparameters (a plain Trainer with vaelab's ImageDataModule)."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg = OmegaConf.create(ckpt["vaelab_config"])
-    data_cfg = OmegaConf.merge(cfg.data, {k: v for k, v in (data_overrides or {}).items() if v is not None})
+    spec = model_spec(ckpt)
+    if ckpt.get("vaelab_config"):
+        cfg = OmegaConf.create(ckpt["vaelab_config"])
+        data_cfg, labels = cfg.data, {g: cfg[g].get("name") for g in ("model", "prior", "likelihood")}
+    elif ckpt.get("datamodule_hyper_parameters"):
+        data_cfg = OmegaConf.create({"_target_": "vaelab.data.ImageDataModule", **ckpt["datamodule_hyper_parameters"]})
+        labels = {g: spec[g]["_target_"].rsplit(".", 1)[-1] for g in ("model", "prior", "likelihood")}
+    else:
+        raise CheckpointError(f"{ckpt_path} records no data set (it was trained without vaelab's ImageDataModule); "
+                              "evaluate it in Python with vaelab.load_model and your own data")
+    data_cfg = OmegaConf.merge(data_cfg, {k: v for k, v in (data_overrides or {}).items() if v is not None})
     datamodule = build(data_cfg)
     datamodule.setup("test")
-    model = build_model(cfg, datamodule.image_shape)
+    model = build_from_spec(spec)
     load_weights(model, model_state(ckpt), ckpt_path)
-    return cfg, datamodule, model.eval()
+    return {**labels, "data": data_cfg.name}, datamodule, model.eval()
 
 
 def refuse_unknown_keys(cfg: DictConfig, app: str, config_file: Path) -> None:
@@ -123,3 +138,23 @@ def refuse_unknown_keys(cfg: DictConfig, app: str, config_file: Path) -> None:
         raise ConfigError(f"{app} rebuilds the model, prior, likelihood and data from the checkpoint's own config, "
                           f"so {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among its options; "
                           f"remove {'it' if len(unknown) == 1 else 'them'} (its options: conf/{config_file.name})")
+
+
+CONFIG_ORDER = ("data", "model", "prior", "likelihood", "loss", "optim", "scheduler", "trainer", "callbacks",
+                "logger", "eval", "paths")
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The resolved config as a rich tree, groups first in the order above (lightning-hydra-template's
+    print_config_tree); switched off with extras.print_config=false."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", style="dim", guide_style="dim")
+    groups = [k for k in CONFIG_ORDER if k in cfg] + [k for k in cfg if k not in CONFIG_ORDER and k != "extras"]
+    for key in groups:
+        node = cfg[key]
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        tree.add(f"[bold]{key}[/bold]", style="dim", guide_style="dim").add(Syntax(text.rstrip(), "yaml"))
+    rich_print(tree)

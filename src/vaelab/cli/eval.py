@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> dict:
                        seed=int(cfg.importance_seed))
     results = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
-        "model": saved.model.name, "prior": saved.prior.name, "likelihood": saved.likelihood.name,
-        "data": saved.data.name, "split": cfg.split, "num_images": len(loader.dataset),
+        **saved, "split": cfg.split, "num_images": len(loader.dataset),
         "importance_samples": int(cfg.importance_samples), "seed": cfg.seed, "device": str(device),
         "time_s": round(time.perf_counter() - t0, 2), "metrics": metrics,
     }

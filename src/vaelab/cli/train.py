@@ -16,10 +16,11 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, validate
+from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, validate
 from vaelab.cli.rundirs import RunState, finished, resume_from
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, VaelabError, run_or_explain
@@ -30,11 +31,15 @@ from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
 from vaelab.training.module import VAEModule
 
 log = logging.getLogger("vaelab")
+# conf/trainer keys that VAEModule takes, not the Trainer (manual optimisation: vaelab runs and clips the steps)
+VAELAB_TRAINER_KEYS = ("steps_per_execution", "gradient_clip_val")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return its results (also written to results.json)."""
     validate(cfg)
+    if cfg.get("extras", {}).get("print_config") and rank_zero_only.rank == 0:
+        print_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("resume") == "auto" and finished(out_dir):  # a resumed sweep: this job is done already
         print(f"vaelab: {out_dir} has finished already; not trained again.", flush=True)
@@ -48,8 +53,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule, model = build_data_and_model(cfg, ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    module = VAEModule(model, run_config=run_config, steps_per_execution=cfg.trainer.get("steps_per_execution", 1),
-                       cuda_graphs=cfg.get("cuda_graphs", "auto"), **cfg.loss, **cfg.optim, **cfg.eval)
+    module = build_module(cfg, model, run_config)
     if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
         model.elbo_terms = torch.compile(model.elbo_terms)
     loggers = build_loggers(cfg, state.wandb_run_id)
@@ -69,6 +73,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if results["wandb"] is None:
             del results["wandb"]
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        loggers.log_results({**{k: results[k] for k in ("model", "prior", "likelihood", "data", "seed")},
+                             **{k: v for k, v in metrics.items() if k.startswith("test/")}})
         print_summary(results, out_dir, wandb_dir)
     loggers.finish()
     return results
@@ -88,6 +94,15 @@ def build_data_and_model(cfg: DictConfig, ckpt_path: str | None):
     return datamodule, model
 
 
+def build_module(cfg: DictConfig, model, run_config: dict) -> VAEModule:
+    """VAEModule from the loss, optim, scheduler, eval and vaelab's trainer keys."""
+    optim, scheduler = dict(cfg.optim), OmegaConf.to_container(cfg.get("scheduler") or {"name": "none"}, resolve=True)
+    return VAEModule(model, run_config=run_config, steps_per_execution=cfg.trainer.get("steps_per_execution", 1),
+                     cuda_graphs=cfg.get("cuda_graphs", "auto"), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+                     optimizer=optim.pop("name", "adam"), scheduler=scheduler.pop("name"), scheduler_options=scheduler,
+                     **cfg.loss, **optim, **cfg.eval)
+
+
 def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
     if wandb_run_id and cfg.get("logger") and "wandb" in cfg.logger:
         with open_dict(cfg):
@@ -101,7 +116,7 @@ def build_trainer(cfg: DictConfig, loggers: RunLoggers) -> L.Trainer:
     if not cfg.trainer.get("enable_progress_bar", True):  # the bar is configured in callbacks/, switched off here
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer_cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-                                    if k != "steps_per_execution"})  # vaelab's key, not a Trainer argument
+                                    if k not in VAELAB_TRAINER_KEYS})
     try:
         return build(trainer_cfg, callbacks=callbacks, logger=loggers.loggers)
     except InstantiationException as exc:

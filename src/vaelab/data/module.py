@@ -50,6 +50,7 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__()
+        self.save_hyperparameters()  # in checkpoints: vaelab-eval and -sample rebuild the data from them
         self.name, self.root, self.binarize = name, root, binarize
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.subset, self.split_seed = val_size, subset, split_seed
@@ -75,6 +76,11 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self._build()
+        if stage in (None, "fit") and self.batch_size > len(self.train_set):  # (evaluation needs no training batch)
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training images; "
+                "lower data.batch_size or raise data.subset"
+            )
         device = self.device
         if device == "auto":  # the trainer's GPU, once a trainer is attached; host memory otherwise
             trainer = getattr(self, "trainer", None)
@@ -94,11 +100,6 @@ class ImageDataModule(L.LightningDataModule):
         train, val = train_all[perm[self.val_size:]], train_all[perm[: self.val_size]]
         if self.subset:
             train, val, test = train[: self.subset], val[: self.subset], test[: self.subset]
-        if self.batch_size > train.shape[0]:
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is larger than the {train.shape[0]} training images; "
-                "lower data.batch_size or raise data.subset"
-            )
         if self.binarize == "static":
             train = binarize_once(train, self.split_seed + 1)
         if self.is_binary:  # evaluation sets are binarised once, with a fixed seed
@@ -122,14 +123,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> InMemoryLoader:
         """Executions of the module's `execution_plan` (steps per execution, and whether to hand over image
-        indices on the device instead of images); one batch per step when the module has no plan."""
+        indices on the device instead of images); one batch per step when the module has no plan. With the
+        trainer's overfit_batches, the same batches every epoch: no shuffling, the same binarisation draws."""
         rank, world = self._distributed()
         trainer = self.trainer
         plan = getattr(trainer.lightning_module, "execution_plan", None) if trainer else None
+        overfit = trainer is not None and trainer.overfit_batches > 0
         return InMemoryLoader(
-            self.train_set, self.batch_size, shuffle=True, dynamic_binarize=self.binarize == "dynamic",
+            self.train_set, self.batch_size, shuffle=not overfit, dynamic_binarize=self.binarize == "dynamic",
             seed=self.seed, rank=rank, world_size=world,
-            epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer and not overfit else None,
             position_fn=(lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer else None,
             steps_per_execution=getattr(plan, "steps", None), indices_on=getattr(plan, "indices_on", None),
         )

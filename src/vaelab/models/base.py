@@ -15,6 +15,7 @@ from vaelab.errors import ConfigError
 from vaelab.models.likelihoods import Bernoulli, Likelihood
 from vaelab.models.networks import NETWORK
 from vaelab.models.priors import Prior, StandardNormal
+from vaelab.models.spec import factory_spec, qualified_name
 
 
 @dataclass
@@ -62,6 +63,16 @@ class VAEBase(nn.Module):
 
     def _build_prior(self, latent_dim: int, encoder) -> Prior:
         return self._prior_factory(latent_dim=latent_dim, encoder=encoder, image_shape=self.image_shape)
+
+    def spec(self) -> dict | None:
+        """The model as plain data (class paths and constructor arguments: models/spec.py), which checkpoints
+        store so that `load_model` rebuilds it; None when a part cannot be described so (a custom encoder)."""
+        prior, likelihood = factory_spec(self._prior_factory), self.likelihood.spec()
+        if prior is None or likelihood is None or getattr(self, "init_args", None) is None:
+            return None
+        model = {"_target_": qualified_name(type(self)), **self.init_args, "image_shape": self.image_shape}
+        return {"model": model, "prior": prior,
+                "likelihood": likelihood}
 
     @property
     def kl_estimator(self) -> str:

@@ -17,6 +17,7 @@ from vaelab.checks import check_args, positive_int
 from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.distributions import kl_normal_normal, log_normal_diag, reparameterize
 from vaelab.models.networks import Decoder, Encoder, GatedDense, GaussianHead, ImageFeatures, gated_mlp
+from vaelab.models.spec import constructor_args
 
 
 class ConditionalPosterior(nn.Module):
@@ -75,6 +76,7 @@ class HierarchicalVAE(VAEBase):
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__(image_shape, likelihood, prior)
+        self.init_args = constructor_args(HierarchicalVAE.__init__, locals(), ("likelihood", "prior"))
         self.latent_dim, self.num_layers = latent_dim, num_layers
         # Lists run bottom-up: index 0 is layer 1 (nearest the data), index L-1 the top layer.
         self.top_encoder = Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vaelab.checks import Arg, check_args, one_of, positive
+from vaelab.models.spec import constructor_args, qualified_name
 
 
 def _sum_pixels(t: Tensor, image_ndim: int = 3) -> Tensor:
@@ -24,6 +25,11 @@ class Likelihood(nn.Module):
 
     ARGS: dict[str, Arg] = {}
     num_params: int = 1
+    init_args: dict = {}  # the constructor's arguments, for spec()
+
+    def spec(self) -> dict:
+        """This likelihood as plain data (models/spec.py)."""
+        return {"_target_": qualified_name(type(self)), **self.init_args}
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -71,6 +77,7 @@ class Gaussian(Likelihood):
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__()
+        self.init_args = constructor_args(Gaussian.__init__, locals())
         self.variance = variance
         self.mean_activation = mean_activation
         self.min_logvar = min_logvar

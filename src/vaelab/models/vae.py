@@ -10,6 +10,7 @@ from vaelab.checks import check_args
 from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.distributions import log_normal_diag, reparameterize
 from vaelab.models.networks import Decoder, Encoder
+from vaelab.models.spec import constructor_args
 
 
 class VAE(VAEBase):
@@ -27,6 +28,10 @@ class VAE(VAEBase):
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__(image_shape, likelihood, prior)
+        # what spec() records; None with a custom encoder or decoder, which no spec describes
+        custom = encoder is not None or decoder is not None
+        self.init_args = None if custom else constructor_args(VAE.__init__, locals(), ("likelihood", "prior",
+                                                                                         "encoder", "decoder"))
         self.latent_dim = latent_dim
         self.encoder = encoder or Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
         self.decoder = decoder or Decoder(

@@ -1,4 +1,5 @@
-"""Checkpoints: loaded safely (weights_only: no pickled code runs), and their weights checked against a model."""
+"""Checkpoints: loaded safely (weights_only: no pickled code runs), their weights checked against a model, and
+the plain VAE rebuilt from one (load_model) without Hydra or the data set."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from pathlib import Path
 
 import torch
 
+from vaelab.data.sources import SOURCES
 from vaelab.errors import CheckpointError
+from vaelab.models.base import VAEBase
+from vaelab.models.spec import build_from_spec
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -21,10 +25,38 @@ def load_checkpoint(path: str | Path) -> dict:
             f"{p} is not a readable checkpoint ({type(exc).__name__}: the file is truncated, corrupt or not a "
             "safe weights-only checkpoint); use another file from its checkpoints/ folder or retrain."
         ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "vaelab_config" not in ckpt:
-        raise CheckpointError(f"{p} was not written by vaelab-train (it holds no saved config); pass a checkpoint "
-                              "from a vaelab run directory.")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not {"vaelab_model", "vaelab_config"} & set(ckpt):
+        raise CheckpointError(f"{p} was not written by vaelab (it describes no VAE); pass a checkpoint from a "
+                              "vaelab run directory or from a Trainer that trained a VAEModule.")
     return ckpt
+
+
+def model_spec(ckpt: dict) -> dict:
+    """The model a checkpoint holds, as plain data (models/spec.py). Checkpoints of vaelab 0.1 hold only the run's
+    config, from which the spec is read (the image shape from the data set's registry entry)."""
+    if ckpt.get("vaelab_model"):
+        return ckpt["vaelab_model"]
+    cfg = ckpt.get("vaelab_config") or {}
+    source = SOURCES.get(cfg.get("data", {}).get("name"))
+    if source is None or not all(k in cfg for k in ("model", "prior", "likelihood")):
+        raise CheckpointError("the checkpoint describes no model that vaelab can rebuild (no model spec, and no "
+                              "model, prior, likelihood and data in its config)")
+
+    def part(node: dict) -> dict:
+        return {k: v for k, v in node.items() if k not in ("name", "_partial_")}
+
+    return {"model": {**part(cfg["model"]), "image_shape": source.image_shape}, "prior": part(cfg["prior"]),
+            "likelihood": part(cfg["likelihood"])}
+
+
+def load_model(path: str | Path, weights: bool = True) -> VAEBase:
+    """The plain VAE of a checkpoint (written by vaelab-train or by any Trainer that trained a VAEModule), with its
+    weights and in eval mode; no data set is read. weights=False: the same model, untrained."""
+    ckpt = load_checkpoint(path)
+    model = build_from_spec(model_spec(ckpt))
+    if weights:
+        load_weights(model, model_state(ckpt), path)
+    return model.eval()
 
 
 def model_state(ckpt: dict) -> dict:

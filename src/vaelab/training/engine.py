@@ -56,7 +56,8 @@ class StepFunctions:
     def beta(self, step) -> float | Tensor: ...  # the KL weight at optimiser step `step` (int or tensor)
     def objective(self, terms: ElboTerms, beta) -> Tensor: ...
     def check_step(self, objective: Tensor, terms: ElboTerms, step: int) -> None: ...  # eager NaN check
-    def optimizer_step_now(self, objective: Tensor) -> None: ...  # zero_grad, backward, step
+    def optimizer_step_now(self, objective: Tensor) -> None: ...  # zero_grad, backward, clip, step
+    def clip_now(self) -> None: ...  # clip the gradients (inside a graph too)
 
 
 class EagerEngine:
@@ -148,6 +149,7 @@ class CudaGraphEngine(EagerEngine):
                 objective = fns.objective(terms, fns.beta(self._static_step + i))
                 self.optimizer.zero_grad(set_to_none=True)
                 objective.backward()
+                fns.clip_now()
                 self.optimizer.step()
                 rows.append(step_stats(terms, objective))
             self._static_stats = torch.stack(rows)

@@ -43,6 +43,8 @@ def graph_obstacle(module: L.LightningModule, cuda_graphs: bool | str) -> str | 
         return "DDP: the gradient all-reduce is not captured"
     if getattr(trainer.strategy.precision_plugin, "scaler", None) is not None:
         return f"trainer.precision={trainer.precision}: its loss scaler reads the gradients on the host"
+    if getattr(module.hparams, "scheduler", "none") != "none":
+        return f"scheduler={module.hparams.scheduler}: a captured step would keep the learning rate it was captured with"
     if "elbo_terms" in vars(module.model):
         return "compile=true: torch.compile makes its own graphs"
     dm = getattr(trainer, "datamodule", None)
@@ -55,7 +57,10 @@ def graph_obstacle(module: L.LightningModule, cuda_graphs: bool | str) -> str | 
 
 
 def count_limits_in_executions(trainer: L.Trainer, steps: int) -> None:
-    """Translate the trainer's integer limits, given in optimiser steps, into executions (once per fit)."""
+    """Translate the trainer's integer limits, given in optimiser steps, into executions (once per fit).
+    fast_dev_run and overfit_batches set them in batches, which are executions here: those stay as they are."""
+    if trainer.fast_dev_run or trainer.overfit_batches > 0:
+        return
     for name in ("limit_train_batches", "val_check_interval"):
         value = getattr(trainer, name)
         if steps == 1 or isinstance(value, bool) or not isinstance(value, int):

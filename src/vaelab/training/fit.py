@@ -7,8 +7,9 @@ import signal
 
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from vaelab.errors import DistributedError
+from vaelab.errors import ConfigError, DistributedError
 from vaelab.training.callbacks.preemption import Preempted
 
 
@@ -18,6 +19,8 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: st
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Preempted as stop:
         return stop
+    except MisconfigurationException as exc:  # e.g. a limit_train_batches fraction that leaves no batch
+        raise ConfigError(f"Lightning rejected the run's settings: {str(exc).splitlines()[0]}") from None
     except RuntimeError as exc:
         if trainer.world_size > 1 and collective_failed(exc):
             raise lost_process(trainer) from None

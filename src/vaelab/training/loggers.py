@@ -122,6 +122,17 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
+def define_metrics(run) -> None:
+    """Epoch-level metrics plotted against the epoch, per-step curves against the optimiser step (Lightning's
+    trainer/global_step), and run summaries that show the best validation values, not the last."""
+    run.define_metric("epoch", hidden=True)
+    for prefix in ("train", "val", "test", "perf"):
+        run.define_metric(f"{prefix}/*", step_metric="epoch")
+    run.define_metric("train_step/*", step_metric="trainer/global_step")
+    for name, best in (("val/loss", "min"), ("val/elbo", "max"), ("val/recon", "min")):
+        run.define_metric(name, step_metric="epoch", summary=best)
+
+
 class RunLoggers:
     """A run's loggers, and the life cycle of its W&B run (if it has one): `start` sends the config and gives the
     run id to keep for a resume, `finish` ends it once, `preempted` marks it as preempted first."""
@@ -131,15 +142,21 @@ class RunLoggers:
         self.wandb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
 
     def start(self, run_config: dict, **extra) -> str | None:
-        """Log the run's config (and extra values) to W&B, on rank 0 only (other DDP ranks hold no W&B run);
-        return the W&B run id."""
+        """Log the run's config (and extra values) to W&B, on rank 0 only (other DDP ranks hold no W&B run), and
+        define its metrics as dashboards expect; return the W&B run id."""
         run_id = None
         for lg in self.wandb:
             if rank_zero_only.rank == 0:
                 lg.log_hyperparams(run_config)
                 lg.experiment.config.update(extra, allow_val_change=True)
+                define_metrics(lg.experiment)
                 run_id = lg.experiment.id
         return run_id
+
+    def log_results(self, row: dict) -> None:
+        """The run's final results as one row of a W&B table (key `results`), so runs compare side by side."""
+        for lg in self.wandb:
+            lg.log_table(key="results", columns=list(row), data=[list(row.values())])
 
     def results(self, checkpoint_callback) -> tuple[dict | None, Path | None]:
         """At the end of a finished run (rank 0): offline checkpoint artifacts, and the W&B run's id, mode and

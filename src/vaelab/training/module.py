@@ -16,9 +16,10 @@ from torch import Tensor
 from vaelab.checks import Arg, check_args, non_negative, one_of, positive
 from vaelab.evaluation.metrics import IMPORTANCE_ARGS, ElboMeans, EvalMetrics
 from vaelab.models.base import ElboTerms, VAEBase
+from vaelab.training.checkpoints import load_model
 from vaelab.training.engine import CudaGraphEngine, EagerEngine, ExecutionPlan, batch_counts
 from vaelab.training.execution import plan_execution
-from vaelab.training.optim import adam
+from vaelab.training.optim import OPTIMIZER, SCHEDULER, build_optimizer, build_scheduler
 from vaelab.training.tracking import NonFiniteTracker, StepCurves
 
 log = logging.getLogger("vaelab")
@@ -37,6 +38,11 @@ class VAEModule(L.LightningModule):
     steps_per_execution: optimiser steps per Lightning step (each on its own batch), or "auto" (engine.AUTO_STEPS).
     cuda_graphs: "auto" (capture the whole step as a CUDA graph when training on one CUDA device and it can
         be captured; else eager, saying why), True (the same, but refuse to start when it cannot), False.
+    optimizer: adam | adamw | adam_normgrad (training/optim.py), with lr, weight_decay and fused.
+    scheduler: none | cosine | plateau | exponential, stepped once per epoch (plateau: on val/loss), with its
+        scheduler_options (conf/scheduler/); the learning rate is logged as train/lr.
+    gradient_clip_val: clip the gradients' global L2 norm to this before each optimiser step (None: off). Under
+        manual optimisation Lightning's Trainer(gradient_clip_val) is not allowed; vaelab clips itself.
     """
 
     ARGS: dict[str, Arg] = {  # named by their config keys: conf/train.yaml's optim, eval; conf/loss, conf/trainer
@@ -52,6 +58,9 @@ class VAEModule(L.LightningModule):
         "importance_seed": Arg("eval.importance_seed", "int", 0),
         "steps_per_execution": Arg("trainer.steps_per_execution", "int", 1, auto=True),
         "cuda_graphs": one_of("cuda_graphs", "auto", True, False),
+        "gradient_clip_val": positive("trainer.gradient_clip_val", nullable=True),
+        "optimizer": OPTIMIZER,
+        "scheduler": SCHEDULER,
     }
 
     def __init__(
@@ -69,6 +78,10 @@ class VAEModule(L.LightningModule):
         fused: bool = True,
         steps_per_execution: int | str = 1,
         cuda_graphs: bool | str = "auto",
+        gradient_clip_val: float | None = None,
+        optimizer: str = "adam",
+        scheduler: str = "none",
+        scheduler_options: dict | None = None,
         run_config: dict | None = None,
     ) -> None:
         check_args(self.ARGS, locals())
@@ -89,6 +102,16 @@ class VAEModule(L.LightningModule):
         self.val_metrics = EvalMetrics(model.latent_dims, model.num_pixels)
         self.test_metrics = EvalMetrics(model.latent_dims, model.num_pixels, importance_samples,
                                         importance_points_per_pass, importance_seed)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's load_from_checkpoint; the VAE (not a hyperparameter) is rebuilt from the checkpoint's model
+        spec unless given as model=..., and the weights are loaded weights-only."""
+        if "model" not in kwargs:
+            kwargs["model"] = load_model(checkpoint_path, weights=False)
+        kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, **kwargs)
 
     # -- the objective --------------------------------------------------------------------------
     def beta(self, step: int | Tensor | None = None) -> float | Tensor:
@@ -132,14 +155,23 @@ class VAEModule(L.LightningModule):
         are not run; otherwise through Lightning, which DDP's gradient all-reduce and fp16's loss scaling need,
         and which counts the step itself."""
         opt = self.optimizers()
+        clip = self.hparams.gradient_clip_val
         if self._direct:
             opt.optimizer.zero_grad(set_to_none=True)
             objective.backward()
+            self.clip_now()
             opt.optimizer.step()
         else:
             opt.zero_grad(set_to_none=True)
             self.manual_backward(objective)
+            if clip:  # through Lightning, which unscales fp16 gradients first
+                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
             opt.step()
+
+    def clip_now(self) -> None:
+        """Clip the gradients' global norm to trainer.gradient_clip_val (no host sync: capturable too)."""
+        if self.hparams.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.gradient_clip_val, foreach=True)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         steps, images = batch_counts(batch, self)
@@ -199,6 +231,7 @@ class VAEModule(L.LightningModule):
         else:
             limited = executions < len(loader)
             self.steps_per_epoch = max(1, executions * self.execution_plan.steps if limited else batches)
+        self.log("train/lr", float(self.optimizers().optimizer.param_groups[0]["lr"]))  # this epoch's rate
 
     def on_validation_start(self) -> None:
         if self.trainer.training or self.trainer.state.fn == "fit":
@@ -211,6 +244,9 @@ class VAEModule(L.LightningModule):
         self.train_means.reset()
         if self.global_step > 0:
             self.log("train/beta", float(self.beta(self.global_step - 1)))
+        schedule = self.lr_schedulers()
+        if schedule is not None and not isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            schedule.step()
 
     def on_train_end(self) -> None:
         self.curves.flush(self.loggers, wait=True)
@@ -219,8 +255,12 @@ class VAEModule(L.LightningModule):
         self.val_metrics.update(self.model, x)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute("val"))
+        metrics = self.val_metrics.compute("val")
+        self.log_dict(metrics)
         self.val_metrics.reset()
+        schedule = self.lr_schedulers() if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking else None
+        if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            schedule.step(float(metrics["val/loss"]))
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
@@ -232,27 +272,35 @@ class VAEModule(L.LightningModule):
 
     # -- the optimiser and the engine ------------------------------------------------------------
     def configure_optimizers(self):
+        hp = self.hparams
         if self._trainer is None:  # outside a Trainer (a plain check of the optimiser): no engine to set up
-            return adam(list(self.parameters()), self.hparams.lr, self.hparams.weight_decay, self.hparams.fused)
-        self.execution_plan = plan_execution(self, self.hparams.cuda_graphs, self.hparams.steps_per_execution)
+            return build_optimizer(hp.optimizer, list(self.parameters()), hp.lr, hp.weight_decay, hp.fused)
+        self.execution_plan = plan_execution(self, hp.cuda_graphs, hp.steps_per_execution)
         graphs = self.execution_plan.indices_on is not None
         strategy = self.trainer.strategy
         self._direct = (self.trainer.world_size == 1 and getattr(strategy.precision_plugin, "scaler", None) is None)
-        optimizer = adam(list(self.parameters()), self.hparams.lr, self.hparams.weight_decay, self.hparams.fused,
-                         capturable=graphs)
+        optimizer = build_optimizer(hp.optimizer, list(self.parameters()), hp.lr, hp.weight_decay, hp.fused,
+                                    capturable=graphs)
         if graphs:
             shape = (self.execution_plan.steps, self.trainer.datamodule.batch_size)
             self.engine = CudaGraphEngine(self, optimizer, shape, self._graphs_failed)
         else:
             self.engine = EagerEngine(self)
-        return optimizer
+        schedule = build_scheduler(optimizer, hp.scheduler, self.trainer.max_epochs, **(hp.scheduler_options or {}))
+        if schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch",
+                                                         "monitor": "val/loss"}}
 
     def _graphs_failed(self, reason: str) -> None:
         log.warning("cuda graphs: %s; training continues eagerly", reason)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.run_config is not None:  # lets tools rebuild the model from the checkpoint alone
+        if self.run_config is not None:  # the run's whole config: vaelab-eval and -sample rebuild its data too
             checkpoint["vaelab_config"] = self.run_config
+        spec = self.model.spec()
+        if spec is not None:  # the model as plain data: load_model and load_from_checkpoint rebuild it
+            checkpoint["vaelab_model"] = spec
         # the generators behind reparameterisation noise: a resumed run draws what an unbroken one would
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -268,6 +316,8 @@ class VAEModule(L.LightningModule):
         if manual is not None and automatic and manual["total"]["completed"] == 0 < automatic["total"]["completed"]:
             # written before training moved to manual optimisation: its optimiser steps were counted there
             loops["epoch_loop.manual_optimization.optim_step_progress"] = automatic
+        if self._trainer is None:  # loaded as a model (load_from_checkpoint), not resumed: leave the RNG alone
+            return
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
