@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, app_env
 
 SMALL = {
-    "train_throughput": ["--models", "vanilla", "--blocks", "2", "--block", "10"],
+    "train_throughput": ["--models", "vanilla", "iaf", "--blocks", "2", "--block", "10"],
     "eval_throughput": ["--k", "20", "--images", "4"],
     "data_throughput": ["--batches", "5"],
     "scaling": ["--steps", "1"],
@@ -27,6 +27,10 @@ def test_benchmark_runs_and_writes_its_figures(fashion_mnist, tmp_path, name):
     rows = figures.get("rows") or figures.get("results")
     assert rows, figures
     if name == "train_throughput":
+        (flow,) = figures["flow_cost"]  # posterior=iaf against the Gaussian, measured in the same run
+        assert flow["flow"] == "iaf" and flow["step time ratio"] > 0
+        assert [r["model"] for r in rows] == ["vanilla", "iaf"]
+        assert flow["step time ratio"] == round(rows[0]["vaelab images/s"] / rows[1]["vaelab images/s"], 3)
         row = rows[0]
         assert row["vaelab images/s"] > 0 and row["hand-written images/s"] > 0 and row["same-ops images/s"] > 0
         assert 0 < row["ratio vs same ops"] < 10

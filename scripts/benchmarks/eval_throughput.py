@@ -27,12 +27,14 @@ from common import DATA, save, sync, table
 
 from vaelab.data import ImageDataModule
 from vaelab.evaluation.metrics import importance_log_weights
-from vaelab.models import VAE, HierarchicalVAE, StandardNormal, VampPrior
+from vaelab.models import VAE, HierarchicalVAE, IAFPosterior, MixtureOfGaussians, StandardNormal, VampPrior
 
 MODELS = {
     "vanilla": lambda: VAE((1, 28, 28), prior=StandardNormal),
     "vamp": lambda: VAE((1, 28, 28), prior=partial(VampPrior, num_components=500)),
     "deep": lambda: HierarchicalVAE((1, 28, 28), prior=StandardNormal),
+    "mog": lambda: VAE((1, 28, 28), prior=partial(MixtureOfGaussians, num_components=50)),
+    "iaf": lambda: VAE((1, 28, 28), prior=StandardNormal, posterior=partial(IAFPosterior, num_flows=2)),
 }
 
 

@@ -43,7 +43,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, save, sync, table
 
 MODELS = {"vanilla": ["model=vanilla", "prior=standard"], "vamp": ["model=vanilla", "prior=vamp"],
-          "deep": ["model=deep", "prior=standard"], "deep_vamp": ["model=deep", "prior=vamp"]}
+          "deep": ["model=deep", "prior=standard"], "deep_vamp": ["model=deep", "prior=vamp"],
+          "mog": ["model=vanilla", "prior=mog"], "iaf": ["model=vanilla", "prior=standard", "posterior=iaf"],
+          "vamp_iaf": ["model=vanilla", "prior=vamp", "posterior=iaf"],
+          "deep_iaf": ["model=deep", "prior=standard", "posterior=iaf"]}
+# the flow's cost: each IAF configuration against the same model and prior with the Gaussian posterior
+FLOW_PAIRS = {"iaf": "vanilla", "vamp_iaf": "vamp", "deep_iaf": "deep"}
 
 
 def compose(overrides: list[str]):
@@ -280,8 +285,13 @@ def main() -> None:
         print(rows[-1], flush=True)
     print()
     table(rows, list(rows[0]))
+    speed = {r["model"]: r["vaelab images/s"] for r in rows}
+    flows = [{"flow": f, "gaussian": g, "step time ratio": round(speed[g] / speed[f], 3)}
+             for f, g in FLOW_PAIRS.items() if f in speed and g in speed]
+    for row in flows:
+        print(f"posterior=iaf: {row['flow']} takes {row['step time ratio']:.2f}x the step time of {row['gaussian']}")
     save("train_throughput" + (f"_{args.tag}" if args.tag else ""), {"blocks": args.blocks, "block": args.block, "device": args.device,
-                              "extra_overrides": args.extra, "rows": rows})
+                              "extra_overrides": args.extra, "rows": rows, "flow_cost": flows})
 
 
 if __name__ == "__main__":

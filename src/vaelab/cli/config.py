@@ -54,7 +54,7 @@ def validate(cfg: DictConfig) -> None:
     training module's (loss, optim, eval, trainer.steps_per_execution, cuda_graphs), and those of each object
     the config instantiates (data, model, prior, likelihood, loggers, callbacks), by the rules they declare."""
     rules = [(arg.key, arg) for arg in [*TRAIN_ARGS, *VAEModule.ARGS.values(), *SCHEDULER_OPTIONS.values()]]
-    for group in ("data", "model", "prior", "likelihood"):
+    for group in ("data", "model", "prior", "posterior", "likelihood"):
         rules += [(f"{group}.{name}", arg) for name, arg in target_args(cfg.get(group)).items()]
     for group in ("logger", "callbacks"):
         for entry, node in (cfg.get(group) or {}).items():
@@ -94,8 +94,9 @@ def spec(node: DictConfig) -> DictConfig:
 def build_model(cfg: DictConfig, image_shape) -> torch.nn.Module:
     likelihood = build(spec(cfg.likelihood))
     prior = build(spec(cfg.prior))  # a partial: the model builds it with its own latent size and encoder
+    parts = {"posterior": build(spec(cfg.posterior))} if cfg.get("posterior") else {}  # a partial too
     try:
-        return build(spec(cfg.model), image_shape=image_shape, likelihood=likelihood, prior=prior)
+        return build(spec(cfg.model), image_shape=image_shape, likelihood=likelihood, prior=prior, **parts)
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, MemoryError) or (isinstance(cause, RuntimeError) and "alloc" in str(cause).lower()):
@@ -115,9 +116,11 @@ def restore(ckpt_path: str | Path, data_overrides: dict | None = None):
     if ckpt.get("vaelab_config"):
         cfg = OmegaConf.create(ckpt["vaelab_config"])
         data_cfg, labels = cfg.data, {g: cfg[g].get("name") for g in ("model", "prior", "likelihood")}
+        labels["posterior"] = cfg.posterior.get("name") if cfg.get("posterior") else "gaussian"
     elif ckpt.get("datamodule_hyper_parameters"):
         data_cfg = OmegaConf.create({"_target_": "vaelab.data.ImageDataModule", **ckpt["datamodule_hyper_parameters"]})
-        labels = {g: spec[g]["_target_"].rsplit(".", 1)[-1] for g in ("model", "prior", "likelihood")}
+        labels = {g: spec[g]["_target_"].rsplit(".", 1)[-1] for g in ("model", "prior", "likelihood", "posterior")
+                  if g in spec}
     else:
         raise CheckpointError(f"{ckpt_path} records no data set (it was trained without vaelab's ImageDataModule); "
                               "evaluate it in Python with vaelab.load_model and your own data")
@@ -140,7 +143,7 @@ def refuse_unknown_keys(cfg: DictConfig, app: str, config_file: Path) -> None:
                           f"remove {'it' if len(unknown) == 1 else 'them'} (its options: conf/{config_file.name})")
 
 
-CONFIG_ORDER = ("data", "model", "prior", "likelihood", "loss", "optim", "scheduler", "trainer", "callbacks",
+CONFIG_ORDER = ("data", "model", "prior", "posterior", "likelihood", "loss", "optim", "scheduler", "trainer", "callbacks",
                 "logger", "eval", "paths")
 
 

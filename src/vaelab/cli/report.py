@@ -45,12 +45,14 @@ class Run:
 
 
 def _base_label(cfg) -> str:
-    return f"{cfg.model.get('name', '?')}+{cfg.prior.get('name', '?')} ({cfg.likelihood.get('name', '?')})"
+    posterior = cfg.posterior.get("name", "gaussian") if cfg.get("posterior") else "gaussian"
+    flow = "" if posterior == "gaussian" else f"+{posterior}"
+    return f"{cfg.model.get('name', '?')}+{cfg.prior.get('name', '?')}{flow} ({cfg.likelihood.get('name', '?')})"
 
 
 def _extra_overrides(overrides: list[str]) -> list[str]:
     """Overrides other than seeds and the groups the label already names."""
-    named = {"model", "prior", "likelihood", "seed", "experiment"}
+    named = {"model", "prior", "posterior", "likelihood", "seed", "experiment"}
     return [o for o in overrides if o.split("=")[0].lstrip("+~") not in named and not o.startswith("hydra.")]
 
 

@@ -73,7 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if results["wandb"] is None:
             del results["wandb"]
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-        loggers.log_results({**{k: results[k] for k in ("model", "prior", "likelihood", "data", "seed")},
+        loggers.log_results({**{k: results[k] for k in ("model", "prior", "posterior", "likelihood", "data", "seed")},
                              **{k: v for k, v in metrics.items() if k.startswith("test/")}})
         print_summary(results, out_dir, wandb_dir)
     loggers.finish()
@@ -151,6 +151,7 @@ def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state:
         "status": "finished",
         "model": cfg.model.get("name", cfg.model._target_),
         "prior": cfg.prior.get("name", "standard"),
+        "posterior": cfg.posterior.get("name", "gaussian") if cfg.get("posterior") else "gaussian",
         "likelihood": cfg.likelihood.get("name", ""),
         "data": cfg.data.name,
         "binarize": cfg.data.binarize,

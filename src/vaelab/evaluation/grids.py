@@ -85,6 +85,15 @@ def pseudo_input_grid(model, n: int = 64) -> Tensor | None:
 
 
 @torch.no_grad()
+def component_grid(model, n: int = 64) -> Tensor | None:
+    """A mixture prior's component means, decoded (the lower layers, if any, at their conditional means)."""
+    means = getattr(getattr(model, "prior", None), "means", None)
+    if not isinstance(means, Tensor):
+        return None
+    return _grid(model.decode_mean(model.latents_from_top(means[:n])), 8)
+
+
+@torch.no_grad()
 def all_grids(model, x: Tensor, num_samples: int = 64, steps: int = 10) -> dict[str, Tensor]:
     """Every grid for a model and a fixed batch x: what the callback logs and vaelab-sample writes. With a
     single image there is no pair to interpolate between, and that grid is left out."""
@@ -99,4 +108,7 @@ def all_grids(model, x: Tensor, num_samples: int = 64, steps: int = 10) -> dict[
     u = pseudo_input_grid(model, num_samples)
     if u is not None:
         grids["pseudo_inputs"] = u
+    c = component_grid(model, num_samples)
+    if c is not None:
+        grids["prior_components"] = c
     return grids

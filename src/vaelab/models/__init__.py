@@ -3,7 +3,8 @@
 from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.hvae import HierarchicalVAE
 from vaelab.models.likelihoods import Bernoulli, Gaussian, Likelihood
-from vaelab.models.priors import Prior, StandardNormal, VampPrior
+from vaelab.models.posteriors import GaussianPosterior, IAFPosterior
+from vaelab.models.priors import MixtureOfGaussians, Prior, StandardNormal, VampPrior
 from vaelab.models.vae import VAE
 
 __all__ = [
@@ -11,6 +12,9 @@ __all__ = [
     "Bernoulli",
     "ElboTerms",
     "Gaussian",
+    "GaussianPosterior",
+    "IAFPosterior",
+    "MixtureOfGaussians",
     "HierarchicalVAE",
     "Likelihood",
     "Prior",

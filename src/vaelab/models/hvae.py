@@ -73,10 +73,11 @@ class HierarchicalVAE(VAEBase):
         network: str = "mlp",
         likelihood=None,
         prior=None,
+        posterior=None,
     ) -> None:
         check_args(self.ARGS, locals())
-        super().__init__(image_shape, likelihood, prior)
-        self.init_args = constructor_args(HierarchicalVAE.__init__, locals(), ("likelihood", "prior"))
+        super().__init__(image_shape, likelihood, prior, posterior)
+        self.init_args = constructor_args(HierarchicalVAE.__init__, locals(), ("likelihood", "prior", "posterior"))
         self.latent_dim, self.num_layers = latent_dim, num_layers
         # Lists run bottom-up: index 0 is layer 1 (nearest the data), index L-1 the top layer.
         self.top_encoder = Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
@@ -89,46 +90,53 @@ class HierarchicalVAE(VAEBase):
         self.decoder = JointDecoder(num_layers, latent_dim, self.image_shape, self.likelihood.num_params,
                                     hidden_dim, network)
         self.prior = self._build_prior(latent_dim, self.top_encoder)
+        self.posterior = self._build_posterior(latent_dim, hidden_dim)  # a flow acts on the top layer
 
     @property
     def latent_dims(self) -> list[int]:
         return [self.latent_dim] * self.num_layers
 
     def _infer(self, x: Tensor, k: int | None, noise: Tensor | None = None):
-        """Sample z_L, ..., z_1 from q top-down. Returns per layer (z, q_mu, q_logvar), bottom-up order.
-        noise: optional standard-normal draws [k, B, L * D], consumed top layer first."""
+        """Sample z_L, ..., z_1 from q top-down. Returns per layer (z, q_mu, q_logvar), bottom-up order, and the
+        top layer's log q(z_L|x) when it comes from a flow (else None). noise: optional standard-normal draws
+        [k, B, L * D], consumed top layer first."""
         eps = [None] * self.num_layers if noise is None else list(noise.split(self.latent_dim, dim=-1))
-        mu, logvar = self.top_encoder(x)
-        z = reparameterize(mu, logvar, n=k, eps=eps[0])
+        z, mu, logvar, log_q_top = self._sample_posterior(self.top_encoder, x, n=k, eps=eps[0])
         layers = [(z, mu, logvar)]
         for post, e in zip(reversed(self.posteriors), eps[1:]):
             mu, logvar = post(post.x_features(x), z)
             z = reparameterize(mu, logvar, eps=e)
             layers.append((z, mu, logvar))
-        return layers[::-1]
+        return layers[::-1], log_q_top
 
     def elbo_terms(self, x: Tensor) -> ElboTerms:
-        layers = self._infer(x, None)
+        layers, log_q_top = self._infer(x, None)
         zs = [z for z, _, _ in layers]
         recon = -self.likelihood.log_prob(x, self.decoder(zs))  # [B]
-        z_top, mu_top, logvar_top = layers[-1]
         kls = []
         for i, cond_prior in enumerate(self.conditional_priors):
             _, q_mu, q_logvar = layers[i]
             p_mu, p_logvar = cond_prior(zs[i + 1])
             kls.append(kl_normal_normal(q_mu, q_logvar, p_mu, p_logvar))  # [B]
-        kls.append(self.prior.kl(z_top, mu_top, logvar_top))
+        kls.append(self._kl_top(*layers[-1], log_q_top))
         return ElboTerms(recon=recon, kl_layers=torch.stack(kls))
 
     def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:
-        layers = self._infer(x, k, noise)  # each z: [k, B, D]
+        layers, log_q_top = self._infer(x, k, noise)  # each z: [k, B, D]
         zs = [z for z, _, _ in layers]
         log_w = self.likelihood.log_prob(x, self.decoder(zs)) + self.prior.log_prob(zs[-1])  # [k, B]
         for i, cond_prior in enumerate(self.conditional_priors):
             log_w = log_w + log_normal_diag(zs[i], *cond_prior(zs[i + 1]))
-        for z, q_mu, q_logvar in layers:
-            log_w = log_w - log_normal_diag(z, q_mu, q_logvar)
+        for i, (z, q_mu, q_logvar) in enumerate(layers):
+            top_flow = i == len(layers) - 1 and log_q_top is not None
+            log_w = log_w - (log_q_top if top_flow else log_normal_diag(z, q_mu, q_logvar))
         return log_w
+
+    def latents_from_top(self, z_top: Tensor) -> list[Tensor]:
+        zs = [z_top]
+        for cond_prior in reversed(self.conditional_priors):
+            zs.append(cond_prior(zs[-1])[0])
+        return zs[::-1]
 
     def sample_latents(self, n: int) -> list[Tensor]:
         z = self.prior.sample(n)
@@ -143,8 +151,9 @@ class HierarchicalVAE(VAEBase):
 
     @torch.no_grad()
     def posterior_means(self, x: Tensor) -> list[Tensor]:
-        """E_q[z_L|x], then each lower layer's mean given the mean above (a deterministic pass)."""
-        mu, _ = self.top_encoder(x)
+        """E_q[z_L|x] (with a flow: the flow at the base mean), then each lower layer's mean given the point
+        above (a deterministic pass)."""
+        mu = self._posterior_point(self.top_encoder, x)
         means = [mu]
         for post in reversed(self.posteriors):
             mu, _ = post(post.x_features(x), mu)
@@ -153,4 +162,4 @@ class HierarchicalVAE(VAEBase):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode_mean([z for z, _, _ in self._infer(x, None)])
+        return self.decode_mean([z for z, _, _ in self._infer(x, None)[0]])

@@ -87,6 +87,13 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.head(self.features(x))
 
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(mu, logvar, h): the Gaussian's parameters and the features h they came from, the context a flow
+        posterior conditions on."""
+        h = self.features(x)
+        mu, logvar = self.head(h)
+        return mu, logvar, h
+
 
 class Decoder(nn.Module):
     """z [..., in_features] -> parameters of p(x|z) [..., C * num_params, H, W]."""

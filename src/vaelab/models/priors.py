@@ -123,3 +123,39 @@ class VampPrior(Prior):
         mu, logvar = self.components()
         k = torch.randint(self.num_components, (n,), device=mu.device)
         return mu[k] + torch.exp(0.5 * logvar[k]) * torch.randn_like(mu[k])
+
+
+class MixtureOfGaussians(Prior):
+    """p(z) = sum_k w_k N(z | m_k, diag exp(v_k)): K learned means and diagonal variances, with learned or uniform
+    weights. The baseline between N(0, I) and the VampPrior: a learned multimodal prior whose components are free
+    parameters rather than posteriors at pseudo-inputs. Its KL has no closed form (Monte Carlo)."""
+
+    ARGS = {
+        "num_components": positive_int("prior.num_components"),
+        "weights": one_of("prior.weights", "learned", "uniform"),
+    }
+
+    def __init__(self, latent_dim: int, num_components: int = 10, weights: str = "learned", init_std: float = 1.0,
+                 **context) -> None:
+        check_args(self.ARGS, locals())
+        super().__init__()
+        self.latent_dim, self.num_components = latent_dim, num_components
+        self.means = nn.Parameter(torch.randn(num_components, latent_dim) * init_std)
+        self.logvars = nn.Parameter(torch.zeros(num_components, latent_dim))
+        logits = torch.zeros(num_components)
+        if weights == "learned":
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def log_weights(self) -> Tensor:
+        return torch.log_softmax(self.logits, dim=0)  # [K]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        # log sum_k w_k N(z | m_k, v_k), by log-sum-exp over components
+        return torch.logsumexp(log_normal_mixture(z, self.means, self.logvars) + self.log_weights(), dim=-1)
+
+    def sample(self, n: int) -> Tensor:
+        k = torch.multinomial(self.log_weights().exp(), n, replacement=True)
+        return self.means[k] + torch.exp(0.5 * self.logvars[k]) * torch.randn(n, self.latent_dim,
+                                                                               device=self.means.device)

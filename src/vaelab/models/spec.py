@@ -7,6 +7,10 @@ import functools
 import importlib
 import inspect
 
+import torch
+
+from vaelab.errors import CheckpointError
+
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -30,8 +34,6 @@ def factory_spec(factory) -> dict | None:
 
 def locate(path: str, base: type) -> type:
     """The class a spec names, which must be a subclass of `base`: a checkpoint never names a callable to run."""
-    from vaelab.errors import CheckpointError
-
     module, _, name = str(path).rpartition(".")
     try:
         obj = getattr(importlib.import_module(module), name)
@@ -48,6 +50,7 @@ def build_from_spec(spec: dict):
     """The model a spec describes, with fresh (untrained) weights."""
     from vaelab.models.base import VAEBase
     from vaelab.models.likelihoods import Likelihood
+    from vaelab.models.posteriors import GaussianPosterior, IAFPosterior
     from vaelab.models.priors import Prior
 
     def split(part: dict, base: type):
@@ -57,4 +60,11 @@ def build_from_spec(spec: dict):
     lik_cls, lik_args = split(spec["likelihood"], Likelihood)
     prior_cls, prior_args = split(spec["prior"], Prior)
     model_cls, model_args = split(spec["model"], VAEBase)
-    return model_cls(**model_args, likelihood=lik_cls(**lik_args), prior=functools.partial(prior_cls, **prior_args))
+    posterior = None
+    if spec.get("posterior"):  # (specs of vaelab 0.1 have none: the Gaussian)
+        post_cls, post_args = split(spec["posterior"], torch.nn.Module)
+        if post_cls not in (GaussianPosterior, IAFPosterior) and not hasattr(post_cls, "is_flow"):
+            raise CheckpointError(f"the checkpoint's posterior {spec['posterior']['_target_']} is not a posterior")
+        posterior = functools.partial(post_cls, **post_args)
+    return model_cls(**model_args, likelihood=lik_cls(**lik_args), prior=functools.partial(prior_cls, **prior_args),
+                     posterior=posterior)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from vaelab.checks import check_args
 from vaelab.models.base import ElboTerms, VAEBase
-from vaelab.models.distributions import log_normal_diag, reparameterize
+from vaelab.models.distributions import log_normal_diag
 from vaelab.models.networks import Decoder, Encoder
 from vaelab.models.spec import constructor_args
 
@@ -23,14 +23,15 @@ class VAE(VAEBase):
         network: str = "mlp",
         likelihood=None,
         prior=None,
+        posterior=None,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
         check_args(self.ARGS, locals())
-        super().__init__(image_shape, likelihood, prior)
+        super().__init__(image_shape, likelihood, prior, posterior)
         # what spec() records; None with a custom encoder or decoder, which no spec describes
         custom = encoder is not None or decoder is not None
-        self.init_args = None if custom else constructor_args(VAE.__init__, locals(), ("likelihood", "prior",
+        self.init_args = None if custom else constructor_args(VAE.__init__, locals(), ("likelihood", "prior", "posterior",
                                                                                          "encoder", "decoder"))
         self.latent_dim = latent_dim
         self.encoder = encoder or Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
@@ -38,26 +39,30 @@ class VAE(VAEBase):
             latent_dim, self.image_shape, self.likelihood.num_params, hidden_dim, num_hidden, network
         )
         self.prior = self._build_prior(latent_dim, self.encoder)
+        self.posterior = self._build_posterior(latent_dim, hidden_dim)
 
     @property
     def latent_dims(self) -> list[int]:
         return [self.latent_dim]
 
     def elbo_terms(self, x: Tensor) -> ElboTerms:
-        q_mu, q_logvar = self.encoder(x)  # [B, D]
-        z = reparameterize(q_mu, q_logvar)  # [B, D]
+        z, q_mu, q_logvar, log_q = self._sample_posterior(self.encoder, x)  # z [B, D]
         recon = -self.likelihood.log_prob(x, self.decoder(z))  # [B]
-        kl = self.prior.kl(z, q_mu, q_logvar)  # [B]
+        kl = self._kl_top(z, q_mu, q_logvar, log_q)  # [B]
         return ElboTerms(recon=recon, kl_layers=kl.unsqueeze(0))
 
     def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:
-        q_mu, q_logvar = self.encoder(x)  # [B, D]
-        z = reparameterize(q_mu, q_logvar, n=k, eps=noise)  # [k, B, D]
+        z, q_mu, q_logvar, log_q = self._sample_posterior(self.encoder, x, n=k, eps=noise)  # z [k, B, D]
         log_p_x = self.likelihood.log_prob(x, self.decoder(z))  # [k, B]
-        return log_p_x + self.prior.log_prob(z) - log_normal_diag(z, q_mu, q_logvar)
+        if log_q is None:
+            log_q = log_normal_diag(z, q_mu, q_logvar)
+        return log_p_x + self.prior.log_prob(z) - log_q
 
     def sample_latents(self, n: int) -> list[Tensor]:
         return [self.prior.sample(n)]
+
+    def latents_from_top(self, z_top: Tensor) -> list[Tensor]:
+        return [z_top]
 
     def decode_mean(self, zs: list[Tensor]) -> Tensor:
         (z,) = zs
@@ -65,9 +70,8 @@ class VAE(VAEBase):
 
     @torch.no_grad()
     def posterior_means(self, x: Tensor) -> list[Tensor]:
-        return [self.encoder(x)[0]]
+        return [self._posterior_point(self.encoder, x)]
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        q_mu, q_logvar = self.encoder(x)
-        return self.decode_mean([reparameterize(q_mu, q_logvar)])
+        return self.decode_mean([self._sample_posterior(self.encoder, x)[0]])

@@ -45,8 +45,11 @@ def model_spec(ckpt: dict) -> dict:
     def part(node: dict) -> dict:
         return {k: v for k, v in node.items() if k not in ("name", "_partial_")}
 
-    return {"model": {**part(cfg["model"]), "image_shape": source.image_shape}, "prior": part(cfg["prior"]),
+    spec = {"model": {**part(cfg["model"]), "image_shape": source.image_shape}, "prior": part(cfg["prior"]),
             "likelihood": part(cfg["likelihood"])}
+    if cfg.get("posterior"):
+        spec["posterior"] = part(cfg["posterior"])
+    return spec
 
 
 def load_model(path: str | Path, weights: bool = True) -> VAEBase:
