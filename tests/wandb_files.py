@@ -61,14 +61,19 @@ def history(run_dir: Path) -> list[dict]:
     return rows
 
 
-def config(run_dir: Path) -> dict:
+def _updates(run_dir: Path, kind: str) -> dict:
+    """The key/value updates of every `config` or `summary` record, merged in order (the last value wins)."""
     (log,) = Path(run_dir).glob("run-*.wandb")
     out = {}
     for rec in read_records(log):
-        if rec.WhichOneof("record_type") == "config":
-            for item in rec.config.update:
+        if rec.WhichOneof("record_type") == kind:
+            for item in getattr(rec, kind).update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def config(run_dir: Path) -> dict:
+    return _updates(run_dir, "config")
 
 
 def run_info(run_dir: Path) -> dict:
@@ -98,13 +103,7 @@ def metric_definitions(run_dir: Path) -> list[dict]:
 
 def summary(run_dir: Path) -> dict:
     """The run summary as W&B keeps it (its summary updates, the last value of each key)."""
-    (log,) = Path(run_dir).glob("run-*.wandb")
-    out = {}
-    for rec in read_records(log):
-        if rec.WhichOneof("record_type") == "summary":
-            for item in rec.summary.update:
-                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return out
+    return _updates(run_dir, "summary")
 
 
 def table(run_dir: Path, key: str) -> dict:

@@ -17,8 +17,7 @@ from vaelab.cli.rundirs import RESUME
 from vaelab.data import SOURCES
 from vaelab.devices import MATMUL_PRECISION
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
-from vaelab.models.spec import build_from_spec
-from vaelab.training.checkpoints import load_checkpoint, load_weights, model_spec, model_state
+from vaelab.training.checkpoints import load_checkpoint, model_of, model_spec
 from vaelab.training.module import VAEModule
 from vaelab.training.optim import SCHEDULER_OPTIONS
 
@@ -127,9 +126,7 @@ def restore(ckpt_path: str | Path, data_overrides: dict | None = None):
     data_cfg = OmegaConf.merge(data_cfg, {k: v for k, v in (data_overrides or {}).items() if v is not None})
     datamodule = build(data_cfg)
     datamodule.setup("test")
-    model = build_from_spec(spec)
-    load_weights(model, model_state(ckpt), ckpt_path)
-    return {**labels, "data": data_cfg.name}, datamodule, model.eval()
+    return {**labels, "data": data_cfg.name}, datamodule, model_of(ckpt, ckpt_path)
 
 
 def refuse_unknown_keys(cfg: DictConfig, app: str, config_file: Path) -> None:

@@ -50,7 +50,6 @@ def build_from_spec(spec: dict):
     """The model a spec describes, with fresh (untrained) weights."""
     from vaelab.models.base import VAEBase
     from vaelab.models.likelihoods import Likelihood
-    from vaelab.models.posteriors import GaussianPosterior, IAFPosterior
     from vaelab.models.priors import Prior
 
     def split(part: dict, base: type):
@@ -63,7 +62,7 @@ def build_from_spec(spec: dict):
     posterior = None
     if spec.get("posterior"):  # (specs of vaelab 0.1 have none: the Gaussian)
         post_cls, post_args = split(spec["posterior"], torch.nn.Module)
-        if post_cls not in (GaussianPosterior, IAFPosterior) and not hasattr(post_cls, "is_flow"):
+        if not hasattr(post_cls, "is_flow"):  # vaelab's posteriors say whether they are flows
             raise CheckpointError(f"the checkpoint's posterior {spec['posterior']['_target_']} is not a posterior")
         posterior = functools.partial(post_cls, **post_args)
     return model_cls(**model_args, likelihood=lik_cls(**lik_args), prior=functools.partial(prior_cls, **prior_args),

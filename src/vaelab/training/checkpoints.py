@@ -55,7 +55,11 @@ def model_spec(ckpt: dict) -> dict:
 def load_model(path: str | Path, weights: bool = True) -> VAEBase:
     """The plain VAE of a checkpoint (written by vaelab-train or by any Trainer that trained a VAEModule), with its
     weights and in eval mode; no data set is read. weights=False: the same model, untrained."""
-    ckpt = load_checkpoint(path)
+    return model_of(load_checkpoint(path), path, weights)
+
+
+def model_of(ckpt: dict, path: str | Path, weights: bool = True) -> VAEBase:
+    """The VAE an already loaded checkpoint describes, with its weights (unless weights=False), in eval mode."""
     model = build_from_spec(model_spec(ckpt))
     if weights:
         load_weights(model, model_state(ckpt), path)
