@@ -46,3 +46,59 @@ class FreezeAt(L.Callback):
         steps = batch_counts(batch, pl_module)[0]
         if trainer.global_rank == self.rank and trainer.global_step <= self.step < trainer.global_step + steps:
             os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class SlowSave(L.Callback):
+    """Every checkpoint save writes half its bytes, prints a marker, pauses, then writes the rest: a wide window
+    for a SIGKILL inside a save (the test reads the marker and kills at a random moment of the pause)."""
+
+    def __init__(self, seconds: float = 0.3) -> None:
+        self.seconds = seconds
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import io
+        import time
+
+        real = torch.save
+        if getattr(real, "slow", False):
+            return
+
+        def slow(obj, f, *args, **kwargs):
+            if not hasattr(f, "write"):
+                return real(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            print("fault_callbacks: saving", flush=True)
+            time.sleep(self.seconds)
+            f.write(data[len(data) // 2 :])
+
+        slow.slow = True
+        torch.save = slow
+
+
+class FillDiskAt(L.Callback):
+    """At the end of training epoch `epoch`, fill the run directory's filesystem but `leave` bytes: the next
+    checkpoint finds no space, as on a real full disk."""
+
+    def __init__(self, path: str, epoch: int = 1, leave: int = 64_000) -> None:
+        self.path, self.epoch, self.leave = path, epoch, leave
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+            with open(os.path.join(self.path, "filler"), "wb") as f:
+                f.write(b"\0" * max(0, free - self.leave))
+
+
+class SignalAtTest(L.Callback):
+    """Send a real signal to the process at test batch `batch`: a stop that comes during the test phase."""
+
+    def __init__(self, batch: int, signum: int) -> None:
+        self.batch, self.signum = batch, signum
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)

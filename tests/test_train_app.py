@@ -42,7 +42,7 @@ def test_train_writes_results_grids_csv_and_an_offline_wandb_run(train_run):
 
     assert list((Path(wb["dir"]) / "files" / "media" / "images").glob("images/samples_*.png"))
     config = wandb_files.config(wb["dir"])
-    assert config["model"]["latent_dim"] == 40 and "closed-form" in config["kl_estimator"]
+    assert config["model"]["latent_dim"] == 40 and "closed-form" in config["vaelab"]["kl_estimator"]
     # as dashboards expect: epoch metrics against the epoch, the summary keeps the best val/loss, a results table
     defined = {d["name"]: d for d in wandb_files.metric_definitions(wb["dir"])}
     assert defined["val/*"]["step_metric"] == "epoch" and defined["val/loss"]["summary"] == ["min"]

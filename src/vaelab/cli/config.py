@@ -146,15 +146,21 @@ CONFIG_ORDER = ("data", "model", "prior", "posterior", "likelihood", "loss", "op
 
 def print_config(cfg: DictConfig) -> None:
     """The resolved config as a rich tree, groups first in the order above (lightning-hydra-template's
-    print_config_tree); switched off with extras.print_config=false."""
-    from rich import print as rich_print
+    print_config_tree); switched off with extras.print_config=false. In a terminal the YAML is highlighted; in a
+    log file (stdout not a terminal) it is plain text, never cut at 80 columns nor padded to them."""
+    from rich.console import Console
     from rich.syntax import Syntax
+    from rich.text import Text
     from rich.tree import Tree
 
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=10_000, no_color=True, highlight=False)
     tree = Tree("config", style="dim", guide_style="dim")
     groups = [k for k in CONFIG_ORDER if k in cfg] + [k for k in cfg if k not in CONFIG_ORDER and k != "extras"]
     for key in groups:
         node = cfg[key]
-        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
-        tree.add(f"[bold]{key}[/bold]", style="dim", guide_style="dim").add(Syntax(text.rstrip(), "yaml"))
-    rich_print(tree)
+        text = (OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)).rstrip()
+        body = Syntax(text, "yaml") if console.is_terminal else Text(text)
+        tree.add(f"[bold]{key}[/bold]", style="dim", guide_style="dim").add(body)
+    console.print(tree)

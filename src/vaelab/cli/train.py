@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,11 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, validate
 from vaelab.cli.rundirs import RunState, finished, resume_from
+from vaelab.console import say
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, VaelabError, run_or_explain
 from vaelab.training.callbacks import Preempted
@@ -31,6 +34,9 @@ from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
 from vaelab.training.module import VAEModule
 
 log = logging.getLogger("vaelab")
+# vaelab's run guard decides who writes into a run directory (a new run gets a new one, resume=auto continues its
+# own), so ModelCheckpoint's warning that checkpoints/ is not empty only repeats that a run is being resumed
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 # conf/trainer keys that VAEModule takes, not the Trainer (manual optimisation: vaelab runs and clips the steps)
 VAELAB_TRAINER_KEYS = ("steps_per_execution", "gradient_clip_val")
 
@@ -42,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("resume") == "auto" and finished(out_dir):  # a resumed sweep: this job is done already
-        print(f"vaelab: {out_dir} has finished already; not trained again.", flush=True)
+        say(f"vaelab: {out_dir} has finished already; not trained again.")
         return json.loads((out_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -57,8 +63,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
         model.elbo_terms = torch.compile(model.elbo_terms)
     loggers = build_loggers(cfg, state.wandb_run_id)
-    state.wandb_run_id = loggers.start(run_config, kl_estimator=model.kl_estimator) or state.wandb_run_id
     trainer = build_trainer(cfg, loggers)
+    state.wandb_run_id = loggers.start(run_config, **run_facts(model, trainer)) or state.wandb_run_id
+    say_start(cfg, model, trainer, out_dir, ckpt_path)
 
     t0 = time.perf_counter()
     stop = fit(trainer, module, datamodule, ckpt_path)
@@ -104,10 +111,37 @@ def build_module(cfg: DictConfig, model, run_config: dict) -> VAEModule:
 
 
 def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
-    if wandb_run_id and cfg.get("logger") and "wandb" in cfg.logger:
-        with open_dict(cfg):
-            cfg.logger.wandb.run_id = wandb_run_id  # continue the same W&B run
-    return RunLoggers([build(c) for c in (cfg.get("logger") or {}).values() if c is not None])
+    """The configured loggers; W&B continues the run's W&B run on a resume and takes the top-level `tags` too."""
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        extra = {}
+        if name == "wandb":
+            extra = {"tags": [*(node.get("tags") or []), *cfg.get("tags", [])]}
+            if wandb_run_id:
+                extra["run_id"] = wandb_run_id  # continue the same W&B run
+        loggers.append(build(node, **extra))
+    return RunLoggers(loggers)
+
+
+def run_facts(model, trainer: L.Trainer) -> dict:
+    """What vaelab adds to the W&B config under its own key: facts of the run that no config value states."""
+    from vaelab import __version__
+
+    return {"num_parameters": sum(p.numel() for p in model.parameters()), "kl_estimator": model.kl_estimator,
+            "device": str(trainer.strategy.root_device), "world_size": trainer.world_size, "version": __version__}
+
+
+def say_start(cfg: DictConfig, model, trainer: L.Trainer, out_dir: Path, ckpt_path: str | None) -> None:
+    """What trains where, in one line, in place of Lightning's device lines and model summary table."""
+    if not trainer.is_global_zero:
+        return
+    params = sum(p.numel() for p in model.parameters())
+    start = f"resuming from {ckpt_path}" if ckpt_path else f"seed {cfg.seed}"
+    say(f"vaelab: {cfg.model.get('name')} / {cfg.prior.get('name')} prior / {cfg.likelihood.get('name')} on "
+        f"{cfg.data.name}, {params:,} parameters, on {trainer.strategy.root_device} x{trainer.world_size}, {start}; "
+        f"run directory {out_dir}")
 
 
 def build_trainer(cfg: DictConfig, loggers: RunLoggers) -> L.Trainer:
@@ -138,7 +172,8 @@ def test_best(cfg: DictConfig, trainer: L.Trainer, module, datamodule) -> tuple[
         return metrics, 0.0
     t0 = time.perf_counter()
     best = checkpoints.best_model_path if checkpoints is not None else ""
-    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    # verbose=False: Lightning's table of test metrics repeats what print_summary prints
+    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     return metrics, time.perf_counter() - t0
 
@@ -156,6 +191,7 @@ def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state:
         "data": cfg.data.name,
         "binarize": cfg.data.binarize,
         "seed": cfg.seed,
+        "tags": list(cfg.get("tags", [])),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "train_time_s": round(state.train_time_s, 2),
@@ -181,8 +217,8 @@ def preempted(stop: Preempted, trainer: L.Trainer, loggers: RunLoggers, state: R
         (out_dir / "results.json").write_text(json.dumps(results, indent=2))
         then = ("submitit requeues the job, which continues from it" if stop.requeue else
                 "Run the same command with resume=auto to continue")
-        print(f"\nvaelab: stopped by {stop.signal_name} at epoch {stop.epoch}, step {stop.step}; checkpoint saved "
-              f"to {stop.path}. {then}.", flush=True)
+        say(f"\nvaelab: stopped by {stop.signal_name} at epoch {stop.epoch}, step {stop.step}; checkpoint saved "
+            f"to {stop.path}. {then}.")
     loggers.preempted()
     if stop.requeue is not None and trainer.is_global_zero:
         stop.requeue()  # submitit's checkpoint-and-requeue: ends this process, to start again from the checkpoint
@@ -200,8 +236,8 @@ def print_summary(results: dict, out_dir: Path, wandb_dir: Path | None) -> None:
         mode = results.get("wandb", {}).get("mode")
         lines.append(f"  W&B run            {wandb_dir} ({mode})")
         if mode == "offline":
-            lines.append(f"  upload it later:   wandb sync {wandb_dir}")
-    print("\n".join(lines), flush=True)
+            lines.append(f"  upload it later:   wandb sync {shlex.quote(str(wandb_dir))}")
+    say("\n".join(lines))
 
 
 def objective(results: dict, name: str | None) -> float | None:

@@ -50,7 +50,7 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__()
-        self.save_hyperparameters()  # in checkpoints: vaelab-eval and -sample rebuild the data from them
+        self.save_hyperparameters(logger=False)  # for checkpoints: vaelab-eval and -sample rebuild the data from them
         self.name, self.root, self.binarize = name, root, binarize
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.subset, self.split_seed = val_size, subset, split_seed

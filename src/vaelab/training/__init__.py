@@ -3,6 +3,12 @@
 without a sync (tracking.py), the optimiser (optim.py), callbacks (callbacks/), loggers and the W&B life cycle
 (loggers.py), checkpoints (checkpoints.py) and trainer.fit with its early endings (fit.py)."""
 
+import warnings
+
 from vaelab.training.module import VAEModule
+
+# Lightning 2.6 calls torch's deprecated `isinstance(treespec, LeafSpec)` (lightning/pytorch/utilities/_pytree.py):
+# nothing a vaelab user can act on, and the result is right; only that message is ignored
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 __all__ = ["VAEModule"]

@@ -3,6 +3,7 @@ offline; a resumed run continues its W&B run; every run ends its W&B run once, w
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -10,10 +11,12 @@ import socket
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from vaelab.checks import one_of
+from vaelab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ def wandb_logger(
     run_id: str | None = None,
 ) -> WandbLogger:
     """Lightning's WandbLogger, writing under the run directory, in the mode `resolve_wandb_mode` picks."""
+    import wandb
+
     resolved = resolve_wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
@@ -70,7 +75,13 @@ def wandb_logger(
         notes=notes, offline=resolved == "offline", mode=resolved, id=run_id, resume="allow" if run_id else None,
         # Lightning uploads checkpoints only online; offline, vaelab logs them itself at the end of the run
         log_model=log_model if resolved == "online" else False,
+        # no run history and summary at exit: vaelab prints the run's figures, where its W&B run is and how to
+        # upload it (W&B's own start lines, warnings and errors stay)
+        settings=wandb.Settings(quiet=True),
     )
+    # Lightning 2.6 always passes `anonymous` (None by default) to wandb.init, and wandb 0.31 warns about any value
+    # of that deprecated setting; vaelab never sets it, so it is not passed at all
+    logger._wandb_init.pop("anonymous", None)
     logger.vaelab_log_model_offline = bool(log_model) and resolved == "offline"
     return logger
 
@@ -104,21 +115,34 @@ def wandb_run_dir(logger: WandbLogger) -> Path | None:
     return Path(files_dir).parent if files_dir else None
 
 
+class AppendingWriter(ExperimentWriter):
+    """Lightning's metrics.csv writer, keeping the file it finds (Lightning's deletes it, with a warning): a
+    resumed run appends to the history it had before it was stopped. A header that grows is rewritten atomically,
+    so a run killed mid-rewrite keeps the old file whole."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        header = path.open().readline().strip() if path.is_file() else ""
+        self.metrics_keys = header.split(",") if header else []
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        with atomic_write(Path(self.metrics_file_path), "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 class AppendingCSVLogger(CSVLogger):
-    """Lightning's CSVLogger deletes an existing metrics.csv; this one appends to it, so a resumed run keeps
-    the history it had before it was stopped."""
+    """Lightning's CSVLogger, appending to an existing metrics.csv (AppendingWriter) instead of deleting it."""
 
     @property
     @rank_zero_experiment
-    def experiment(self):
+    def experiment(self) -> AppendingWriter:
         if self._experiment is None:
-            path = Path(self.log_dir) / "metrics.csv"
-            kept = path.read_text() if path.is_file() else None
-            experiment = CSVLogger.experiment.fget(self)
-            if kept:
-                path.write_text(kept)
-                experiment.metrics_keys = kept.splitlines()[0].split(",")
-            return experiment
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
 
@@ -142,13 +166,13 @@ class RunLoggers:
         self.wandb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
 
     def start(self, run_config: dict, **extra) -> str | None:
-        """Log the run's config (and extra values) to W&B, on rank 0 only (other DDP ranks hold no W&B run), and
-        define its metrics as dashboards expect; return the W&B run id."""
+        """Log the run's config to W&B as it is (the composed Hydra config, resolved), with vaelab's own facts
+        (`extra`: parameter count, device, version) under one key of their own, `vaelab`; on rank 0 only (other
+        DDP ranks hold no W&B run). Define its metrics as dashboards expect; return the W&B run id."""
         run_id = None
         for lg in self.wandb:
             if rank_zero_only.rank == 0:
-                lg.log_hyperparams(run_config)
-                lg.experiment.config.update(extra, allow_val_change=True)
+                lg.experiment.config.update({**run_config, "vaelab": extra}, allow_val_change=True)
                 define_metrics(lg.experiment)
                 run_id = lg.experiment.id
         return run_id

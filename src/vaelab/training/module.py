@@ -86,7 +86,9 @@ class VAEModule(L.LightningModule):
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "run_config"])
+        # the app logs its whole composed config itself (lightning-hydra-template's way), so Lightning's flat copy of
+        # these arguments goes to the loggers only when there is no run config
+        self.save_hyperparameters(ignore=["model", "run_config"], logger=run_config is None)
         self.automatic_optimization = False  # the step engine runs the optimiser steps itself
         self.model = model
         self.run_config = run_config
@@ -222,16 +224,23 @@ class VAEModule(L.LightningModule):
         return step // self.steps_per_epoch if self._trainer is not None else self.current_epoch
 
     # -- epochs, validation, test ------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # a fit resumed mid-epoch skips on_train_epoch_start for that epoch (Lightning's fit loop), and KL warm-up
+        # reads steps_per_epoch at every step: it is counted here, at every fit's start, and again each epoch
+        self.steps_per_epoch = self._count_steps_per_epoch()
+
     def on_train_epoch_start(self) -> None:
+        self.steps_per_epoch = self._count_steps_per_epoch()
+
+    def _count_steps_per_epoch(self) -> int:
+        """Optimiser steps in a training epoch, after the trainer's limits."""
         loader = self.trainer.train_dataloader
         executions = self.trainer.num_training_batches  # Lightning's count: executions (after limits)
         batches = getattr(loader, "num_batches", None)
         if batches is None:  # a plain loader: one step per batch
-            self.steps_per_epoch = max(1, executions)
-        else:
-            limited = executions < len(loader)
-            self.steps_per_epoch = max(1, executions * self.execution_plan.steps if limited else batches)
-        self.log("train/lr", float(self.optimizers().optimizer.param_groups[0]["lr"]))  # this epoch's rate
+            return max(1, executions)
+        limited = executions < len(loader)
+        return max(1, executions * self.execution_plan.steps if limited else batches)
 
     def on_validation_start(self) -> None:
         if self.trainer.training or self.trainer.state.fn == "fit":
@@ -244,6 +253,7 @@ class VAEModule(L.LightningModule):
         self.train_means.reset()
         if self.global_step > 0:
             self.log("train/beta", float(self.beta(self.global_step - 1)))
+        self.log("train/lr", float(self.optimizers().optimizer.param_groups[0]["lr"]))  # this epoch's rate
         schedule = self.lr_schedulers()
         if schedule is not None and not isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
             schedule.step()

@@ -3,36 +3,48 @@ vaelab.evaluation.grids on a fixed validation batch, saved as PNGs and sent to e
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
 from torch import Tensor
-from torchvision.utils import save_image
 
 from vaelab.evaluation.grids import all_grids
 
 
-def log_image(trainer: L.Trainer, key: str, grid: Tensor, caption: str) -> None:
-    """Send one image grid [C, H, W] to every logger that takes images."""
+def to_uint8(grid: Tensor) -> np.ndarray:
+    """A [C, H, W] grid in [0, 1] as the [H, W, C] uint8 array a PNG holds, rounded as torchvision's save_image
+    rounds. W&B and TensorBoard get these very bytes: wandb.Image no longer rescales floats in [0, 1] (since
+    wandb 0.20 it clips them to [0, 255], a black image), and TensorBoard truncates where save_image rounds."""
+    return grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+
+
+def log_image(trainer: L.Trainer, key: str, pixels: np.ndarray, caption: str) -> None:
+    """Send one image [H, W, C] uint8 to every logger that takes images."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[grid], caption=[caption], step=trainer.global_step)
+            logger.log_image(key=key, images=[pixels[..., 0] if pixels.shape[-1] == 1 else pixels],
+                             caption=[caption], step=trainer.global_step)
         elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, grid, trainer.global_step)
+            logger.experiment.add_image(key, pixels, trainer.global_step, dataformats="HWC")
 
 
 class ImageGrids(L.Callback):
     """Every `every_n_epochs` validation epochs (and once when training ends), the grids of
     vaelab.evaluation.grids.all_grids on a fixed validation batch. A fixed seed makes grids from different epochs
-    show the same latent draws."""
+    show the same latent draws. Each drawing is logged once: when training ends at a step whose grids were just
+    drawn, the `final` PNGs are copies of them."""
 
     def __init__(self, save_dir: str, every_n_epochs: int = 1, num_samples: int = 64,
                  num_reconstructions: int = 32, seed: int = 0) -> None:
         self.save_dir = Path(save_dir)
         self.every_n_epochs = max(1, int(every_n_epochs))
         self.num_samples, self.num_reconstructions, self.seed = num_samples, num_reconstructions, seed
+        self._drawn: tuple[int, dict[str, Path]] | None = None  # (global step, PNGs) of the last drawing
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -44,8 +56,13 @@ class ImageGrids(L.Callback):
         self.write(trainer, pl_module, tag=f"epoch_{epoch:03d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:  # the final model, however training stopped (max_steps, early stop)
-            self.write(trainer, pl_module, tag="final")
+        if not trainer.is_global_zero:  # the final model, however training stopped (max_steps, early stop)
+            return
+        if self._drawn is not None and self._drawn[0] == trainer.global_step:  # the same weights: copy, not redraw
+            for name, path in self._drawn[1].items():
+                shutil.copyfile(path, self.save_dir / f"{name}_final.png")
+            return
+        self.write(trainer, pl_module, tag="final")
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> dict[str, Path]:
@@ -61,7 +78,9 @@ class ImageGrids(L.Callback):
         self.save_dir.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, grid in grids.items():
+            pixels = to_uint8(grid)
             paths[name] = self.save_dir / f"{name}_{tag}.png"
-            save_image(grid, paths[name])
-            log_image(trainer, f"images/{name}", grid, f"{name}, {tag}, step {trainer.global_step}")
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(paths[name])
+            log_image(trainer, f"images/{name}", pixels, f"{name}, {tag}, step {trainer.global_step}")
+        self._drawn = (trainer.global_step, paths)
         return paths

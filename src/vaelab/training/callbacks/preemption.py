@@ -77,7 +77,7 @@ class Preemption(L.Callback):
         self.signal_name = self.signal_name or "SIGTERM"
         if hasattr(pl_module, "raise_if_nonfinite"):
             pl_module.raise_if_nonfinite()  # never save broken weights
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # everything a resume needs
         raise Preempted(self.signal_name, trainer.current_epoch, trainer.global_step, self.path,
                         self.requeue_handler())
 

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 
+from vaelab.console import say
 from vaelab.training.engine import batch_counts
 
 
@@ -70,10 +71,25 @@ class ThrottledProgressBar(RichProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+def duration(seconds: float) -> str:
+    """A duration as people read it: 42 s, 3 min 05 s, 2 h 10 min."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
 class LineProgress(ProgressBar):
-    """Progress as plain lines on stdout, one every `every_n_batches` training batches and one per epoch with
-    its metrics: readable in a terminal and in a SLURM log alike, and no redraw thread or per-batch work
-    (Rich and tqdm bars cost measurable speed in the training benchmark: README, Speed)."""
+    """Progress as plain lines, one every `every_n_batches` training batches with the epoch's and the run's time
+    left, one per epoch with its metrics, and the test phase's images done and time left at the same cadence (or
+    every tenth of the test set, if that is more often). Each line goes to stdout and to the run's train.log
+    (vaelab.console.say). No redraw thread or per-batch work: Rich and tqdm bars cost measurable speed in the
+    training benchmark (README, Speed).
+
+    Time left is measured, not guessed: the epoch's from this epoch's rate, the run's from the optimiser steps
+    still to run at the rate of this fit so far, validation and checkpoints included."""
 
     KEYS = ("train/loss", "val/loss", "val/kl", "val/active_units")
 
@@ -81,9 +97,12 @@ class LineProgress(ProgressBar):
         super().__init__()
         self.every_n_batches = max(1, int(every_n_batches))
         self._enabled = True
-        self._epoch_start = 0.0
+        self._epoch_start = self._fit_start = 0.0
+        self._fit_start_step = 0
         self._images = self._steps = 0
         self._finished: tuple[int, float] | None = None  # (epoch, seconds), printed once its metrics are logged
+        self._test_start = 0.0
+        self._test_images = self._test_batches = 0
 
     def disable(self) -> None:
         self._enabled = False
@@ -93,7 +112,7 @@ class LineProgress(ProgressBar):
 
     def _print(self, trainer: L.Trainer, text: str) -> None:
         if self._enabled and trainer.is_global_zero:
-            print(text, flush=True)
+            say(text)
 
     def _epoch(self, trainer: L.Trainer, epoch: int) -> str:
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
@@ -110,23 +129,91 @@ class LineProgress(ProgressBar):
         shown = ", ".join(f"{k} {float(metrics[k]):.2f}" for k in self.KEYS if k in metrics)
         self._print(trainer, f"{self._epoch(trainer, epoch)} done in {seconds:.1f} s: {shown}")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a fit resumed mid-epoch skips on_train_epoch_start for that epoch: the clocks start here too
+        self._fit_start = self._epoch_start = time.perf_counter()
+        self._fit_start_step = trainer.global_step
+        self._images = self._steps = 0
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_finished(trainer)
         self._epoch_start, self._images, self._steps = time.perf_counter(), 0, 0
+
+    def _steps_per_epoch(self, pl_module) -> int | None:
+        total = getattr(pl_module, "steps_per_epoch", self.total_train_batches)
+        return total if isinstance(total, int) and total > 0 else None
+
+    def _run_steps(self, trainer: L.Trainer, per_epoch: int | None) -> int | None:
+        """The optimiser steps the whole run will take, by max_steps or max_epochs, whichever ends it first."""
+        ends = [trainer.max_steps] if trainer.max_steps and trainer.max_steps > 0 else []
+        if per_epoch and trainer.max_epochs and trainer.max_epochs > 0:
+            ends.append(trainer.max_epochs * per_epoch)
+        return min(ends) if ends else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         steps, images = batch_counts(batch, pl_module)  # a training batch may be an execution of several steps
         before = self._steps
         self._images, self._steps = self._images + images, self._steps + steps
-        if before // self.every_n_batches != self._steps // self.every_n_batches:
-            rate = self._images * trainer.world_size / max(time.perf_counter() - self._epoch_start, 1e-9)
-            total = getattr(pl_module, "steps_per_epoch", self.total_train_batches)
-            of = f"/{total}" if isinstance(total, int) else ""
-            self._print(trainer, f"{self._epoch(trainer, trainer.current_epoch)}: batch {self._steps}{of}, "
-                                 f"{rate:,.0f} images/s")
+        if before // self.every_n_batches == self._steps // self.every_n_batches:
+            return
+        now = time.perf_counter()
+        epoch_seconds = max(now - self._epoch_start, 1e-9)
+        rate = self._images * trainer.world_size / epoch_seconds
+        per_epoch = self._steps_per_epoch(pl_module)
+        line = f"{self._epoch(trainer, trainer.current_epoch)}: batch {self._steps}" + (f"/{per_epoch}" if per_epoch else "")
+        line += f", {rate:,.0f} images/s"
+        if per_epoch:
+            done_in_epoch = trainer.global_step - trainer.current_epoch * per_epoch
+            left = max(per_epoch - done_in_epoch, 0)
+            line += f", epoch left {duration(left * epoch_seconds / self._steps)}"
+        run_steps = self._run_steps(trainer, per_epoch)
+        fit_steps = trainer.global_step - self._fit_start_step
+        if run_steps and fit_steps > 0:
+            line += f", run left {duration((run_steps - trainer.global_step) * (now - self._fit_start) / fit_steps)}"
+        self._print(trainer, line)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finished = (trainer.current_epoch, time.perf_counter() - self._epoch_start)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_finished(trainer)
+
+    # -- the test phase ------------------------------------------------------------------------------
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._test_start, self._test_images, self._test_batches = time.perf_counter(), 0, 0
+        total = self._test_total(trainer)
+        self._print(trainer, "test: " + (f"{total:,} images" if total else "started"))
+
+    @staticmethod
+    def _test_total(trainer: L.Trainer) -> int | None:
+        datamodule = trainer.datamodule
+        test_set = getattr(datamodule, "test_set", None)
+        try:
+            total = len(test_set) if test_set is not None else None
+        except TypeError:
+            return None
+        batches = trainer.num_test_batches[0] if trainer.num_test_batches else None
+        size = getattr(datamodule, "eval_batch_size", None)
+        if total is not None and batches is not None and size and batches < float("inf"):
+            total = min(total, int(batches) * size)  # limit_test_batches
+        return total
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self._test_images += x.shape[0] * trainer.world_size
+        self._test_batches += 1
+        batches = trainer.num_test_batches[dataloader_idx] if trainer.num_test_batches else float("inf")
+        every = self.every_n_batches if batches == float("inf") else min(self.every_n_batches,
+                                                                           max(1, int(batches) // 10))
+        if self._test_batches % every or self._test_batches >= batches:
+            return
+        seconds = time.perf_counter() - self._test_start
+        total = self._test_total(trainer)
+        line = f"test: {self._test_images:,}" + (f"/{total:,}" if total else "") + " images"
+        line += f", {self._test_images / max(seconds, 1e-9):,.0f} images/s"
+        if total:
+            line += f", left {duration((total - self._test_images) * seconds / self._test_images)}"
+        self._print(trainer, line)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print(trainer, f"test: {self._test_images:,} images done in {time.perf_counter() - self._test_start:.1f} s")
