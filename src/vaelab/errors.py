@@ -23,6 +23,10 @@ class DistributedError(VaelabError):
     """A process of a DDP run stopped answering (frozen, killed, or its node lost)."""
 
 
+class SaveError(VaelabError):
+    """A file could not be saved whole (a full disk, a read-only directory); what was saved before is intact."""
+
+
 class NonFiniteLossError(VaelabError):
     """Training produced a NaN or infinite loss."""
 

@@ -7,6 +7,7 @@ taken over."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -90,12 +91,14 @@ def acquire(run_dir: Path) -> None:
 
 
 def release(run_dir: Path | None = None) -> None:
-    """Drop this process's locks (run_dir's, or all)."""
+    """Drop this process's locks (run_dir's, or all); a directory that became read-only keeps its stale lock,
+    which the next start takes over (its process is gone)."""
     for lock in list(_held):
         if run_dir is None or lock.parent == Path(run_dir):
             owner = _owner(lock)
             if owner is not None and owner.get("pid") == os.getpid():
-                lock.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    lock.unlink(missing_ok=True)
             _held.discard(lock)
 
 
@@ -106,12 +109,11 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     """A checkpoint this start would continue from (ckpt_path, or the run's last.ckpt with resume=auto) must be
     readable and hold the configured model's weights."""
     from vaelab.cli.config import build_model
+    from vaelab.cli.rundirs import resume_from
     from vaelab.data import SOURCES
     from vaelab.training.checkpoints import check_weights, load_checkpoint, model_state
 
-    path = cfg.get("ckpt_path")
-    if not path and cfg.get("resume") == "auto" and (run_dir / "checkpoints" / "last.ckpt").is_file():
-        path = run_dir / "checkpoints" / "last.ckpt"
+    path, _ = resume_from(cfg, run_dir)
     if path:
         source = SOURCES.get(cfg.data.name)
         if source is not None:

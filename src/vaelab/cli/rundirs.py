@@ -14,6 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.checks import one_of
+from vaelab.errors import SaveError
+from vaelab.files import write_json
+from vaelab.training.checkpoints import readable_checkpoints
 
 RESUME = one_of("resume", None, "auto")
 # a run's default directory: its start time and a short random id, so two runs started in the same second
@@ -35,16 +38,17 @@ def finished(run_dir: Path) -> bool:
 
 def run_dir(base: str, resume, overrides) -> str:
     """The run directory: a new timestamped one, or with resume=auto the newest unfinished run of the same
-    command (same overrides, resume= aside) that has a checkpoints/last.ckpt to continue from."""
+    command (same overrides, resume= aside) that has a checkpoint to continue from."""
     fresh = f"{base}/{_STARTED}"
     if str(resume) != "auto":
         return fresh
     want, found = _comparable(overrides), []
     for d in Path(base).glob("*"):
-        overrides_file, last = d / ".hydra" / "overrides.yaml", d / "checkpoints" / "last.ckpt"
-        if overrides_file.is_file() and last.is_file() and not finished(d):
+        overrides_file = d / ".hydra" / "overrides.yaml"
+        saved = sorted((d / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if overrides_file.is_file() and saved and not finished(d):
             if _comparable(OmegaConf.load(overrides_file)) == want:
-                found.append((last.stat().st_mtime, str(d)))
+                found.append((saved[-1].stat().st_mtime, str(d)))
     return max(found)[1] if found else fresh
 
 
@@ -72,15 +76,25 @@ def _find_sweep_dir(base: str, resume, overrides) -> str:
     return max(found)[1] if found else fresh
 
 
-def resume_from(cfg: DictConfig, out_dir: Path) -> str | None:
-    """The checkpoint to continue from: ckpt_path if given, else with resume=auto (or in a job that submitit
-    requeued) the run's last.ckpt."""
+def resume_from(cfg: DictConfig, out_dir: Path) -> tuple[str | None, str | None]:
+    """The one resume rule, used by the run guard and by train(): (the checkpoint to continue from, a sentence
+    to say when unreadable checkpoints were passed over). ckpt_path if given; else with resume=auto (or in a job
+    that submitit requeued) the run's newest readable checkpoint, by the step it holds (last.ckpt first among
+    equals): a last.ckpt that a kill or a full disk left broken never strands the run."""
     resume = RESUME.check(cfg.get("resume"))
     if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    last = out_dir / "checkpoints" / "last.ckpt"
+        return str(cfg.ckpt_path), None
     requeued = bool(os.environ.get("SUBMITIT_EXECUTOR")) and (out_dir / "run_state.json").is_file()
-    return str(last) if (resume == "auto" or requeued) and last.is_file() else None
+    if not (resume == "auto" or requeued):
+        return None, None
+    good, bad = readable_checkpoints(out_dir / "checkpoints")
+    if not good:
+        return None, None
+    step, path = good[0]
+    skipped = [p.name for p in bad if p.stat().st_mtime >= path.stat().st_mtime or p.name == "last.ckpt"]
+    note = (f"vaelab: {', '.join(skipped)} in {path.parent} cannot be read (cut short by a kill or a full disk); "
+            f"resuming from {path.name}, the newest whole checkpoint (step {step})") if skipped else None
+    return str(path), note
 
 
 @dataclass
@@ -101,7 +115,17 @@ class RunState:
             return cls()
 
     def save(self, out_dir: Path) -> None:
-        (out_dir / "run_state.json").write_text(json.dumps(asdict(self)))
+        save_json(out_dir / "run_state.json", asdict(self))
+
+
+def save_json(path: Path, value) -> None:
+    """Write a JSON file a resume or a report reads, atomically; a failure is one sentence (SaveError)."""
+    try:
+        write_json(path, value)
+    except OSError as exc:
+        full = "no space left on the disk" if exc.errno == 28 else (exc.strerror or str(exc))
+        raise SaveError(f"could not save {path} ({full}); the checkpoints in {path.parent / 'checkpoints'} are "
+                        "intact: free space or make the directory writable, then rerun with resume=auto") from None
 
 
 OmegaConf.register_new_resolver("vaelab_run_dir", run_dir, replace=True)

@@ -23,12 +23,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, validate
-from vaelab.cli.rundirs import RunState, finished, resume_from
+from vaelab.cli.rundirs import RunState, finished, resume_from, save_json
 from vaelab.console import say
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, VaelabError, run_or_explain
 from vaelab.training.callbacks import Preempted
-from vaelab.training.checkpoints import check_weights, load_checkpoint, model_state
+from vaelab.training.checkpoints import (
+    AtomicCheckpointIO,
+    check_weights,
+    load_checkpoint,
+    model_state,
+    remove_temporaries,
+)
 from vaelab.training.fit import fit
 from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
 from vaelab.training.module import VAEModule
@@ -54,7 +60,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"),
                                                         str(cfg.trainer.get("accelerator", "auto"))))
-    ckpt_path = resume_from(cfg, out_dir)
+    if rank_zero_only.rank == 0:
+        remove_temporaries(out_dir / "checkpoints")
+    ckpt_path, skipped = resume_from(cfg, out_dir)
+    if skipped and rank_zero_only.rank == 0:
+        say(skipped)
     state = RunState.load(out_dir) if ckpt_path else RunState()
 
     datamodule, model = build_data_and_model(cfg, ckpt_path)
@@ -73,13 +83,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if stop is not None:
         return preempted(stop, trainer, loggers, state, out_dir)
 
-    metrics, test_time = test_best(cfg, trainer, module, datamodule)
+    try:
+        metrics, test_time = test_best(cfg, trainer, module, datamodule)
+    except Preempted as stop:  # a stop signal in the test phase: training is saved; resume=auto tests again
+        return preempted(stop, trainer, loggers, state, out_dir)
     results = results_of(cfg, trainer, model, metrics, state, test_time, out_dir)
     if trainer.is_global_zero:
         results["wandb"], wandb_dir = loggers.results(trainer.checkpoint_callback)
         if results["wandb"] is None:
             del results["wandb"]
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        save_json(out_dir / "results.json", results)
         loggers.log_results({**{k: results[k] for k in ("model", "prior", "posterior", "likelihood", "data", "seed")},
                              **{k: v for k, v in metrics.items() if k.startswith("test/")}})
         print_summary(results, out_dir, wandb_dir)
@@ -152,7 +165,8 @@ def build_trainer(cfg: DictConfig, loggers: RunLoggers) -> L.Trainer:
     trainer_cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
                                     if k not in VAELAB_TRAINER_KEYS})
     try:
-        return build(trainer_cfg, callbacks=callbacks, logger=loggers.loggers)
+        # checkpoints are written atomically beside their destination, and checked (AtomicCheckpointIO)
+        return build(trainer_cfg, callbacks=callbacks, logger=loggers.loggers, plugins=[AtomicCheckpointIO()])
     except InstantiationException as exc:
         if not isinstance(exc.__cause__, (MisconfigurationException, ValueError, TypeError)):
             raise
@@ -210,15 +224,19 @@ def preempted(stop: Preempted, trainer: L.Trainer, loggers: RunLoggers, state: R
     """Record a preemption: the run state beside the checkpoint, a 'preempted' results.json, one message; under
     submitit, then requeue the job."""
     state.preemptions += 1
-    results = {"status": "preempted", "signal": stop.signal_name, "epoch": stop.epoch, "global_step": stop.step,
-               "checkpoint": str(stop.path), "metrics": {}, "run_dir": str(out_dir)}
+    results = {"status": "preempted", "signal": stop.signal_name, "phase": stop.phase, "epoch": stop.epoch,
+               "global_step": stop.step, "checkpoint": str(stop.path), "metrics": {}, "run_dir": str(out_dir)}
     if trainer.is_global_zero:
         state.save(out_dir)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        save_json(out_dir / "results.json", results)
         then = ("submitit requeues the job, which continues from it" if stop.requeue else
                 "Run the same command with resume=auto to continue")
-        say(f"\nvaelab: stopped by {stop.signal_name} at epoch {stop.epoch}, step {stop.step}; checkpoint saved "
-            f"to {stop.path}. {then}.")
+        if stop.phase == "test":
+            say(f"\nvaelab: stopped by {stop.signal_name} during the test phase; training is complete and saved in "
+                f"{stop.path} (step {stop.step}). {then}: it tests again without training.")
+        else:
+            say(f"\nvaelab: stopped by {stop.signal_name} at epoch {stop.epoch}, step {stop.step}; checkpoint saved "
+                f"to {stop.path}. {then}.")
     loggers.preempted()
     if stop.requeue is not None and trainer.is_global_zero:
         stop.requeue()  # submitit's checkpoint-and-requeue: ends this process, to start again from the checkpoint
@@ -259,13 +277,19 @@ def failed_in_sweep(cfg: DictConfig, exc: VaelabError) -> float | None:
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         return None
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"status": "failed", "error": str(exc), "metrics": {}}))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(out / "results.json", {"status": "failed", "error": str(exc), "metrics": {}})
+    except VaelabError:
+        pass  # the run's own error (a full disk, say) was said already
     return float("inf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # a log record that cannot be written (train.log on a full disk) is dropped, not printed as a traceback:
+    # the error that matters is said in one line on stderr
+    logging.raiseExceptions = False
     results = run_or_explain(train, cfg, on_error=lambda exc: failed_in_sweep(cfg, exc))
     if isinstance(results, float):  # a failed run in a sweep
         return results

@@ -3,12 +3,17 @@ the plain VAE rebuilt from one (load_model) without Hydra or the data set."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from vaelab.data.sources import SOURCES
-from vaelab.errors import CheckpointError
+from vaelab.errors import CheckpointError, SaveError
+from vaelab.files import atomic_write
 from vaelab.models.base import VAEBase
 from vaelab.models.spec import build_from_spec
 
@@ -88,3 +93,95 @@ def check_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None
                   f"weights, e.g. {(missing + unexpected + shapes)[0]}")
         raise CheckpointError(f"{path} is from another model than the one configured ({detail}); use the config "
                               "it was trained with, or a checkpoint of this model.")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The optimiser step a checkpoint file holds, or None if it cannot be read (truncated, corrupt, not one).
+    Memory-mapped: the weights are not read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["global_step"])
+    except Exception:  # noqa: BLE001 - any unreadable file is just not a checkpoint to continue from
+        return None
+
+
+def readable_checkpoints(ckpt_dir: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """([(step, path)] of the readable checkpoints, newest first, last.ckpt first among equals; [unreadable])."""
+    good, bad = [], []
+    for path in sorted(Path(ckpt_dir).glob("*.ckpt")):
+        step = checkpoint_step(path)
+        if step is None:
+            bad.append(path)
+        else:
+            good.append((step, path))
+    good.sort(key=lambda sp: (sp[0], sp[1].name == "last.ckpt", sp[1].stat().st_mtime), reverse=True)
+    return good, bad
+
+
+def remove_temporaries(ckpt_dir: Path) -> None:
+    """Temporary files of saves a killed process left half-written (a SIGKILL can leave one, nothing else)."""
+    for tmp in Path(ckpt_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def mount_point(path: Path) -> Path:
+    path = Path(path).resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def save_failure(exc: OSError, path: Path) -> str:
+    """One sentence for a save that failed: what, where, what is kept, and what to do."""
+    good, _ = readable_checkpoints(path.parent)
+    kept = (f"the checkpoints already there are whole ({', '.join(f'{p.name} at step {s}' for s, p in good)})"
+            if good else "no earlier checkpoint was written")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on {mount_point(path.parent)} while saving {path}; {kept}; free space and rerun "
+                "with resume=auto")
+    return (f"could not save {path} ({exc.strerror or exc}); {kept}; make {path.parent} writable and rerun with "
+            "resume=auto")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, written atomically (a temporary file beside the checkpoint, fsynced, then
+    os.replace: the previous file stays whole until the new one is), and trusted only once the file in place
+    holds the step it claims. A full disk or a read-only directory is one sentence (SaveError), not a traceback
+    and a truncated file. Lightning's own IO writes the temporary file under /tmp and moves it, which is a copy,
+    not a rename, when the run directory is on another filesystem."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        writer = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path, "wb") as file:
+                writer = _Writes(file)
+                torch.save(checkpoint, writer)
+        except OSError as exc:
+            raise SaveError(save_failure(exc, path)) from None
+        except RuntimeError:  # torch's zip writer reports a failed write as a RuntimeError, without its errno
+            if writer is None or writer.error is None:
+                raise
+            raise SaveError(save_failure(writer.error, path)) from None
+        saved, claimed = checkpoint_step(path), checkpoint.get("global_step")
+        if saved != claimed:
+            raise SaveError(f"{path} holds step {saved} after a save of step {claimed}: something else writes into "
+                            f"{path.parent}; give the run a directory of its own and rerun with resume=auto")
+
+
+class _Writes:
+    """A file's write and flush, keeping the first OSError (a full disk, say) that torch's writer would hide."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()

@@ -26,6 +26,20 @@ class Preemption(L.Callback):
         self._previous: dict = {}
         self._agreed_at = 0  # global step of the ranks' last agreement
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The test phase after training stops on the same signals: training is saved already (last.ckpt), so the
+        run stops at the next test batch, and resume=auto tests again without training."""
+        self.on_train_start(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        if self.signal_name is not None and trainer.state.fn == "test" and self._previous:
+            self._restore()
+            raise Preempted(self.signal_name, trainer.current_epoch, trainer.global_step, self.path,
+                            self.requeue_handler(), phase="test")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Take over the signals once Lightning and submitit have set their own handlers: ours only raise a flag.
         The decision to stop is made at the end of an execution, agreed by all ranks (Lightning's SIGTERM handler
@@ -99,7 +113,7 @@ class Preemption(L.Callback):
 class Preempted(SystemExit):
     """Raised after a preemption checkpoint is saved: ends the run cleanly (exit status 0)."""
 
-    def __init__(self, signal_name: str, epoch: int, step: int, path: Path, requeue=None) -> None:
+    def __init__(self, signal_name: str, epoch: int, step: int, path: Path, requeue=None, phase: str = "train") -> None:
         super().__init__(0)
-        self.signal_name, self.epoch, self.step, self.path = signal_name, epoch, step, path
+        self.signal_name, self.epoch, self.step, self.path, self.phase = signal_name, epoch, step, path, phase
         self.requeue = requeue  # submitit's requeue, to call once the run's state is written

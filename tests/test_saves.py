@@ -1,0 +1,202 @@
+"""A stopped run, resumed, is the same run, and no save can strand it: checkpoints are written atomically
+beside their destination, a resume takes the newest whole checkpoint, a full disk is one line, a signal in the
+test phase is a preemption. Real processes, signals, SIGKILLs and a real small filesystem; nothing mocked."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, app_env, run_app
+
+from vaelab.training.checkpoints import checkpoint_step, load_checkpoint
+
+# the default config's KL warm-up (10 epochs) is active all run long: beta must continue where it stopped
+WARM = [*TINY, "data.subset=3000", "trainer.max_epochs=3", "loss.warmup_epochs=10", "trainer.deterministic=true",
+        "eval.importance_samples=16", "callbacks.image_grids.every_n_epochs=10", "logger=csv"]
+_WHOLE: dict = {}
+
+
+def whole_run(tmp_path_factory) -> tuple[dict, list[dict]]:
+    """results.json and metrics.csv rows of the uninterrupted run (once per test process)."""
+    if not _WHOLE:
+        run_dir = tmp_path_factory.mktemp("whole") / "run"
+        proc = run_app(*WARM, f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _WHOLE.update(results=json.loads((run_dir / "results.json").read_text()), rows=epoch_rows(run_dir))
+    return _WHOLE["results"], _WHOLE["rows"]
+
+
+def epoch_rows(run_dir: Path) -> list[dict]:
+    """The per-epoch train/beta and train/lr that metrics.csv logged."""
+    epochs: dict[float, dict] = {}
+    with open(run_dir / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for key in ("train/beta", "train/lr"):
+                if row.get(key):
+                    epochs.setdefault(float(row["epoch"]), {})[key] = float(row[key])
+    return [{"epoch": e, **values} for e, values in sorted(epochs.items())]
+
+
+@pytest.mark.parametrize("signum,step", [(signal.SIGUSR2, 25), (signal.SIGTERM, 95), (signal.SIGINT, 150)])
+def test_a_run_stopped_mid_epoch_with_warmup_ends_where_the_whole_run_ends(tmp_path, tmp_path_factory,
+                                                                           fashion_mnist, signum, step):
+    run_dir = tmp_path / "run"
+    kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", f"+callbacks.kill.step={step}",
+            f"+callbacks.kill.signum={int(signum)}", "trainer.steps_per_execution=5"]
+    stopped = run_app(*WARM, *kill, f"hydra.run.dir={run_dir}")
+    assert stopped.returncode == 0 and "resume=auto" in stopped.stdout, stopped.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "preempted"
+    resumed = run_app(*WARM, *kill, f"hydra.run.dir={run_dir}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    ref, ref_rows = whole_run(tmp_path_factory)
+    assert res["status"] == "finished" and res["global_step"] == ref["global_step"]
+    assert res["metrics"].keys() == ref["metrics"].keys()
+    for key, value in ref["metrics"].items():
+        if not key.startswith("perf/"):
+            assert res["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    rows = epoch_rows(run_dir)  # every epoch's beta and learning rate, as the whole run logged them
+    assert len(rows) == len(ref_rows) == 3 and all(r == pytest.approx(w) for r, w in zip(rows, ref_rows)), rows
+    assert [round(r["train/beta"], 3) for r in ref_rows] == [0.098, 0.198, 0.298]
+    assert not [ln for ln in resumed.stdout.splitlines() if "done in" in ln and float(ln.split()[4]) > 120]
+
+
+def test_a_signal_in_the_test_phase_is_a_preemption_and_resume_tests_without_training(tmp_path, fashion_mnist):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "logger=csv", f"hydra.run.dir={run_dir}"]
+    stop = run_app(*args, "+callbacks.kill._target_=fault_callbacks.SignalAtTest", "+callbacks.kill.batch=0",
+                   f"+callbacks.kill.signum={int(signal.SIGTERM)}")
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    assert "stopped by SIGTERM during the test phase" in stop.stdout
+    stopped = json.loads((run_dir / "results.json").read_text())
+    assert stopped["status"] == "preempted" and stopped["phase"] == "test"
+    trained = json.loads((run_dir / "run_state.json").read_text())["train_time_s"]
+    resumed = run_app(*args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "finished" and "test/nll" in res["metrics"] and res["preemptions"] == 1
+    assert res["global_step"] == stopped["global_step"] and res["train_time_s"] >= trained > 0
+    assert not any(ln.startswith("epoch ") for ln in resumed.stdout.splitlines())  # no training again
+
+
+def test_a_truncated_last_checkpoint_resumes_from_the_older_whole_one(tmp_path, fashion_mnist):
+    run_dir = tmp_path / "run"
+    args = [*WARM, "trainer.max_epochs=2", "data.subset=1000", f"hydra.run.dir={run_dir}"]
+    whole = run_app(*args[:-1], f"hydra.run.dir={tmp_path / 'whole'}")
+    stop = run_app(*args, "+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=25",
+                   f"+callbacks.kill.signum={int(signal.SIGTERM)}")
+    assert whole.returncode == 0 and stop.returncode == 0, stop.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100_000])  # cut short, as a kill during a copy leaves it
+    resumed = run_app(*args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "last.ckpt in" in resumed.stdout and "resuming from epoch_000.ckpt" in resumed.stdout
+    nll = json.loads((run_dir / "results.json").read_text())["metrics"]["test/nll"]
+    assert nll == pytest.approx(json.loads((tmp_path / "whole" / "results.json").read_text())["metrics"]["test/nll"],
+                                rel=1e-6)
+
+
+def test_sigkill_inside_saves_on_another_filesystem_never_strands_the_run(tmp_path, fashion_mnist):
+    """The run directory on /tmp's disk, the temporary directory on a tmpfs (/dev/shm): a kill at a random moment
+    inside a save leaves every checkpoint readable, and resume=auto ends where the whole run ends."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's temporary directory")
+    tmpdir = Path(os.environ.get("VAELAB_TEST_SHM", shm)) / f"vaelab-{os.getpid()}"
+    tmpdir.mkdir(exist_ok=True)
+    run_dir = tmp_path / "run"
+    args = [*TINY, "logger=csv", "trainer.max_epochs=6", "data.subset=600", "eval.importance_samples=8",
+            "callbacks.image_grids.every_n_epochs=10", "+callbacks.slow._target_=fault_callbacks.SlowSave",
+            f"hydra.run.dir={run_dir}", "extras.print_config=false"]
+    env = dict(app_env(), TMPDIR=str(tmpdir))
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli.train", *args, "resume=auto"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if "fault_callbacks: saving" in line and rng.random() < 0.5:
+                time.sleep(rng.uniform(0.0, 0.3))
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+        proc.wait(timeout=300)
+        proc.stdout.close()
+        for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+            assert checkpoint_step(ckpt) is not None, f"{ckpt.name} is broken after a kill"
+            load_checkpoint(ckpt)
+        assert not list(tmpdir.iterdir()), "temporary files left outside the run directory"
+        if (run_dir / "results.json").is_file() and json.loads((run_dir / "results.json").read_text())["status"] == "finished":
+            break
+    assert kills >= 2
+    final = run_app(*args, "resume=auto")
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    whole_dir = tmp_path / "whole"
+    whole = run_app(*args[:-2], f"hydra.run.dir={whole_dir}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ref = json.loads((whole_dir / "results.json").read_text())
+    assert res["status"] == "finished" and res["metrics"]["test/nll"] == pytest.approx(ref["metrics"]["test/nll"],
+                                                                                       rel=1e-6)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")) and not list((run_dir / "checkpoints").glob("*-v*"))
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 64 MB filesystem (tmpfs) for the run directory; needs root, as CI and the dev machine run."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_every_checkpoint_left_loads(small_fs, fashion_mnist):
+    run_dir = small_fs / "run"
+    proc = run_app(*TINY, "logger=csv", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}",
+                   "+callbacks.fill._target_=fault_callbacks.FillDiskAt", f"+callbacks.fill.path={small_fs}",
+                   "+callbacks.fill.epoch=1")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "Logging error" not in out, out[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on {small_fs} while saving "), errors
+    assert errors[0].endswith("free space and rerun with resume=auto") and "whole (" in errors[0]
+    left = sorted((run_dir / "checkpoints").iterdir())
+    assert left and all(p.suffix == ".ckpt" for p in left), left  # no temporary file
+    for ckpt in left:
+        load_checkpoint(ckpt)
+    (small_fs / "filler").unlink()  # space again: the run continues
+    resumed = run_app(*TINY, "logger=csv", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["epochs"] == 4
+
+
+def test_an_unwritable_checkpoint_folder_is_one_line_never_a_false_saved(small_fs, fashion_mnist):
+    run_dir = small_fs / "run"
+    first = run_app(*TINY, "logger=csv", "trainer.max_epochs=1", "test=false", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    os.chmod(run_dir / "checkpoints", 0o555)
+    try:
+        if os.access(run_dir / "checkpoints", os.W_OK):  # root ignores modes: make the filesystem read-only
+            subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+        proc = run_app(*TINY, "logger=csv", "trainer.max_epochs=2", "test=false", f"hydra.run.dir={run_dir}",
+                       "resume=auto", "extras.print_config=false")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], capture_output=True)
+        os.chmod(run_dir / "checkpoints", 0o755)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert "saved" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 8  # the good one, as it was
