@@ -99,3 +99,11 @@ def train_in_process(tmp_path, fashion_mnist, monkeypatch):
         return out, results
 
     return _run
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`slow`: every test that trains or reads the real data set (the fashion_mnist fixture, which train_run and
+    train_in_process use too). `pytest -m "not slow"` is then the quick loop of unit tests; `make test` runs all."""
+    for item in items:
+        if "fashion_mnist" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

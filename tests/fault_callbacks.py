@@ -7,7 +7,7 @@ import signal
 import lightning as L
 import torch
 
-from vaelab.training.engine import batch_counts
+from vaelab.data.batches import batch_counts, execution_plan_of, step_images
 
 
 class SignalAt(L.Callback):
@@ -18,7 +18,7 @@ class SignalAt(L.Callback):
         self.step, self.signum = step, signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        steps = batch_counts(batch, pl_module)[0]  # a batch may be an execution of several optimiser steps
+        steps = batch_counts(batch, execution_plan_of(trainer))[0]  # a batch may be an execution of several optimiser steps
         if trainer.global_step <= self.step < trainer.global_step + steps and trainer.is_global_zero:
             os.kill(os.getpid(), self.signum)
 
@@ -30,9 +30,9 @@ class PoisonBatch(L.Callback):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        steps = batch_counts(batch, pl_module)[0]
+        steps = batch_counts(batch, execution_plan_of(trainer))[0]
         if trainer.global_step <= self.step < trainer.global_step + steps:
-            images = batch[self.step - trainer.global_step] if batch.dim() == 5 else batch  # that step's images
+            images = step_images(batch, self.step - trainer.global_step, execution_plan_of(trainer))  # a view
             images[0, 0, 0, 0] = torch.nan
 
 
@@ -43,7 +43,7 @@ class FreezeAt(L.Callback):
         self.step, self.rank = step, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        steps = batch_counts(batch, pl_module)[0]
+        steps = batch_counts(batch, execution_plan_of(trainer))[0]
         if trainer.global_rank == self.rank and trainer.global_step <= self.step < trainer.global_step + steps:
             os.kill(os.getpid(), signal.SIGSTOP)
 

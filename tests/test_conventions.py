@@ -71,8 +71,23 @@ def test_optimiser_and_schedule_from_the_command_line(train_in_process):
     expected = [lr0 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
     assert lrs == pytest.approx(expected, rel=1e-5) and res["status"] == "finished"
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["hyper_parameters"]["optimizer"] == "adamw" and saved["lr_schedulers"]
+    assert saved["hyper_parameters"]["optimizer"]["_target_"] == "torch.optim.adamw.AdamW" and saved["lr_schedulers"]
     assert saved["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's, from optim/adamw
+
+
+def test_any_optimiser_instantiates_from_its_target_and_loads_back(train_in_process):
+    """lightning-hydra-template's way: optim/ is a _partial_ _target_, so another torch optimiser and its own
+    arguments need no code."""
+
+    run_dir, res = train_in_process("optim._target_=torch.optim.SGD", "+optim.momentum=0.9", "optim.lr=0.01",
+                                    "trainer.max_epochs=1", "logger=csv", "loss.free_bits=0.5")
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    group = saved["optimizer_states"][0]["param_groups"][0]
+    assert group["momentum"] == 0.9 and group["lr"] == 0.01 and "dampening" in group  # SGD's own state
+    assert saved["hyper_parameters"]["loss"] == {"beta": 1.0, "warmup_epochs": 1, "free_bits": 0.5}
+    module = VAEModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # still weights-only
+    assert isinstance(module.configure_optimizers(), torch.optim.SGD) and module.loss.free_bits == 0.5
+    assert res["status"] == "finished"
 
 
 def test_plateau_halves_the_rate_after_an_epoch_without_a_better_val_loss(train_in_process):
@@ -93,15 +108,26 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(train_in
 
 
 def test_gradient_clipping_and_adam_normgrad_do_what_they_say():
+    from functools import partial
+
+    from vaelab.data.batches import ExecutionPlan, step_images
+    from vaelab.training.engine import StepEngine
+    from vaelab.training.objective import Loss
+
     torch.manual_seed(0)
-    module = VAEModule(VAE((1, 28, 28), latent_dim=4, hidden_dim=16), gradient_clip_val=0.5)
-    x = torch.rand(8, 1, 28, 28).bernoulli()
-    module.model.elbo_terms(x).loss.mean().mul(100).backward()
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) > 0.5
-    module.clip_now()
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    assert norm == pytest.approx(0.5, rel=1e-4)
+    vae = VAE((1, 28, 28), latent_dim=4, hidden_dim=16)
+    x = torch.rand(1, 8, 1, 28, 28).bernoulli()  # an execution of one step
+
+    def norm_after_a_step(clip_value):
+        params = list(vae.parameters())
+        clip = partial(torch.nn.utils.clip_grad_norm_, params, clip_value, foreach=True) if clip_value else None
+        engine = StepEngine(vae, torch.optim.SGD(params, lr=0.0), Loss(beta=100.0), clip=clip,
+                            images=partial(step_images, plan=ExecutionPlan(1)))  # lr 0: the gradients stay
+        engine.run(x, 1, 0)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    assert norm_after_a_step(None) > 0.5
+    assert norm_after_a_step(0.5) == pytest.approx(0.5, rel=1e-4)  # the engine clips between backward and step
     # AdamNormGrad: Adam on each tensor's gradient divided by its norm
     a, b = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
     grad = torch.arange(5.0)

@@ -2,6 +2,7 @@
 functions, and every allowed value declared once, by the object it belongs to, and read from there."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,87 @@ def test_latents_are_a_list_of_layers_for_every_model(model_name):
     zs = model.sample_latents(3)
     assert isinstance(zs, list) and [z.shape for z in zs] == [torch.Size([3, d]) for d in model.latent_dims]
     assert model.decode_mean(zs).shape == (3, 1, 28, 28)
+
+
+def _module_imports(folder: str) -> dict[str, set[str]]:
+    """{module: the modules of the same folder it imports, at any depth}."""
+    mods = {"vaelab." + str(p.relative_to(SRC).with_suffix("")).replace("/", "."): p for p in (SRC / folder).rglob("*.py")}
+    graph = {}
+    for mod, path in mods.items():
+        found = set()
+        for name in imports(path):
+            found |= {m for m in mods if m != mod and (name == m or name.startswith(m + "."))}
+        graph[mod.removesuffix(".__init__")] = {m.removesuffix(".__init__") for m in found}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if nxt.endswith(".__init__") or graph.get(nxt) is None:
+                continue
+            if state.get(nxt) == 1:
+                return [*path, node, nxt]
+            if not state.get(nxt) and (found := visit(nxt, [*path, node])):
+                return found
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if not state.get(node) and (found := visit(node, [])):
+            return found
+    return None
+
+
+@pytest.mark.parametrize("folder", ["training", "models", "data", "evaluation"])
+def test_no_module_imports_one_that_imports_it_back(folder):
+    """training/: the engine does not call back into the module that drives it; models/: the parts import the
+    leaf spec.py, and only build.py knows them all. Package __init__ files, which gather exports, are left out."""
+    graph = {m: {d for d in deps if not d.endswith(folder)} for m, deps in _module_imports(folder).items()
+             if not m.endswith(folder)}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_engine_is_built_from_plain_arguments_not_from_the_module():
+    """The engine owns whole optimiser steps; it is given the model, the optimiser, the objective, how to clip and
+    backpropagate, and how often to check, and never holds the LightningModule that drives it."""
+    import inspect
+
+    from vaelab.training.engine import CudaGraphEngine, StepEngine
+
+    assert list(inspect.signature(StepEngine).parameters) == ["model", "optimizer", "loss", "images", "clip",
+                                                              "backward", "check_every"]
+    source = inspect.getsource(inspect.getmodule(StepEngine))
+    assert "lightning" not in source.split('"""', 2)[2] and "LightningModule" not in source
+    assert issubclass(CudaGraphEngine, StepEngine)
+
+
+def _py_files_outside(*skip: str):
+    for path in [*SRC.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "scripts").rglob("*.py")]:
+        if not any(str(path).startswith(str(s)) for s in skip) and path.name != "test_layout.py":
+            yield path
+
+
+def test_only_data_decodes_a_training_batch():
+    """The batch's shapes (images, stacked steps, indices) are read by data/batches.py alone; everyone else asks it
+    (batch_counts, step_images)."""
+    decoding = re.compile(r"\.dim\(\)\s*==\s*[45]|\.dtype\s*==\s*torch\.long|\.ndim\s*==\s*[45]")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in _py_files_outside(SRC / "data")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if decoding.search(line)]
+    assert not found, found
+
+
+def test_nobody_reads_the_step_statistics_by_column():
+    """StepStats (training/engine.py) is read by name: recon, kl_layers, objective."""
+    found = []
+    for path in _py_files_outside(SRC / "training" / "engine.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Subscript):
+                target = node.value
+                name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+                if name in ("stats", "table"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found

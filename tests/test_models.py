@@ -38,3 +38,16 @@ def test_active_units_counts_dimensions_whose_posterior_mean_varies():
         metric.update(torch.randn(200, 4, generator=g) * scales + 3.0)
     assert metric.compute().item() == 2
     torch.testing.assert_close(metric.variances().float(), scales**2, atol=0.05, rtol=0.1)
+
+
+def test_a_checkpoint_from_before_the_rename_of_the_lower_posteriors_loads():
+    from vaelab.models import HierarchicalVAE
+    from vaelab.training.checkpoints import check_weights, model_state
+
+    torch.manual_seed(0)
+    trained, fresh = HierarchicalVAE(SHAPE, latent_dim=4, hidden_dim=16), HierarchicalVAE(SHAPE, latent_dim=4, hidden_dim=16)
+    old = {k.replace("lower_posteriors.", "posteriors."): v for k, v in trained.state_dict().items()}
+    assert any(k.startswith("posteriors.") for k in old)
+    check_weights(fresh, model_state({"state_dict": {f"model.{k}": v for k, v in old.items()}}), "old.ckpt")
+    fresh.load_state_dict(dict(old))
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items())

@@ -66,22 +66,3 @@ def test_auto_takes_ten_steps_per_execution_on_a_cpu(tmp_path, fashion_mnist):
     assert [s for s, _ in _column(table, "train_step/loss")] == list(range(1, 40, 2))
     loops = load_checkpoint(tmp_path / "auto" / "checkpoints" / "last.ckpt")["loops"]["fit_loop"]
     assert loops["epoch_loop.batch_progress"]["total"]["completed"] == 4  # Lightning saw 4 batches: executions
-
-
-def test_a_checkpoint_written_before_manual_optimisation_resumes_at_its_step(tmp_path, fashion_mnist):
-    """Checkpoints of earlier vaelab versions counted optimiser steps in Lightning's automatic-optimisation
-    loop; resumed now, they must continue at their step, not at 0."""
-    import torch
-
-    res, _ = _run(tmp_path, "old", "trainer.max_epochs=1", "test=false")
-    last = tmp_path / "old" / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=True)
-    loops = ckpt["loops"]["fit_loop"]
-    manual = loops["epoch_loop.manual_optimization.optim_step_progress"]
-    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = manual
-    loops["epoch_loop.manual_optimization.optim_step_progress"] = {
-        "total": {"ready": 0, "completed": 0}, "current": {"ready": 0, "completed": 0}}
-    torch.save(ckpt, last)  # as an earlier version wrote it
-    (tmp_path / "old" / "results.json").unlink()  # an unfinished run
-    resumed, _ = _run(tmp_path, "old", "trainer.max_epochs=2", "test=false", "resume=auto")
-    assert res["global_step"] == 8 and resumed["global_step"] == 16 and resumed["epochs"] == 2

@@ -48,8 +48,8 @@ def test_train_writes_results_grids_csv_and_an_offline_wandb_run(train_run):
     assert defined["val/*"]["step_metric"] == "epoch" and defined["val/loss"]["summary"] == ["min"]
     best = min(float(r["val/loss"]) for r in rows if r.get("val/loss"))
     assert wandb_files.summary(wb["dir"])["val/loss"] == {"min": pytest.approx(best, rel=1e-6)}
-    table = wandb_files.table(wb["dir"], "results")
-    row = dict(zip(table["columns"], table["data"][0]))
+    results_table = wandb_files.table(wb["dir"], "results")
+    row = dict(zip(results_table["columns"], results_table["data"][0]))
     assert row["model"] == "vanilla" and row["test/nll"] == pytest.approx(results["metrics"]["test/nll"])
     # the resolved config, printed as a tree at start
     assert "config" in proc.stdout and "├── data" in proc.stdout and "name: fashion_mnist" in proc.stdout

@@ -146,18 +146,17 @@ class Alternate(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from vaelab.data import bernoulli_draw
-        from vaelab.training.optim import adam
+        from vaelab.training.optim import build_optimizer
 
         Alternate.latest = self
-        hp = pl_module.hparams
         images = trainer.datamodule.train_set.images
-        lr, batch = hp.lr, trainer.datamodule.batch_size
+        lr, batch = pl_module.optimizer_factory.keywords["lr"], trainer.datamodule.batch_size
         same, plain = copy.deepcopy(pl_module.model), copy.deepcopy(pl_module.model)
         for m in (same, plain):  # with compile=true the app's model holds a compiled elbo_terms bound to itself
             vars(m).pop("elbo_terms", None)
         self.loops = {  # both start from the app's initial weights
             "same ops": BareLoop(same, images, batch, bernoulli_draw,
-                                 adam(list(same.parameters()), lr, hp.weight_decay, hp.fused)),
+                                 build_optimizer(pl_module.optimizer_factory, list(same.parameters()))),
             "hand-written": BareLoop(plain, images, batch, torch.bernoulli, torch.optim.Adam(plain.parameters(), lr=lr)),
         }
         if pl_module.device.type == "cuda":  # the ceiling: the whole step as one replayed CUDA graph
@@ -167,9 +166,9 @@ class Alternate(L.Callback):
         self.bare = {name: [] for name in self.loops}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from vaelab.training.engine import batch_counts
+        from vaelab.data.batches import batch_counts, execution_plan_of
 
-        self._steps += batch_counts(batch, pl_module)[0]  # optimiser steps: a batch may be an execution of several
+        self._steps += batch_counts(batch, execution_plan_of(trainer))[0]  # optimiser steps: a batch may be an execution of several
         if self._steps < self.block:
             return
         sync(pl_module.device)
@@ -219,17 +218,20 @@ class FloorModule(L.LightningModule):
     """Lightning's floor: the model's -ELBO and vaelab's Adam in a LightningModule, and nothing else."""
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> None:
+        from vaelab.training.optim import optimizer_factory
+
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
+        self.optimizer_factory = optimizer_factory("adam", lr, weight_decay, fused)  # as VAEModule holds it
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model.elbo_terms(x).loss.mean()
 
     def configure_optimizers(self):
-        from vaelab.training.optim import adam
+        from vaelab.training.optim import build_optimizer
 
-        return adam(list(self.parameters()), self.hparams.lr, self.hparams.weight_decay, self.hparams.fused)
+        return build_optimizer(self.optimizer_factory, list(self.parameters()))
 
 
 def measure_floor(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]) -> dict:

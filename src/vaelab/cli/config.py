@@ -4,6 +4,7 @@ configs with Hydra's instantiate."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -48,17 +49,27 @@ def check_keys(cfg: DictConfig, rules: Iterable[tuple[str, Arg]]) -> None:
             arg.check(value, key)
 
 
+_VALIDATED: set[str] = set()  # configs validated in this process (the run guard's, then train()'s: once)
+
+
 def validate(cfg: DictConfig) -> None:
     """Every value of a vaelab-train config, before anything is built or written: the app's own keys, the
     training module's (loss, optim, eval, trainer.steps_per_execution, cuda_graphs), and those of each object
-    the config instantiates (data, model, prior, likelihood, loggers, callbacks), by the rules they declare."""
+    the config instantiates (data, model, prior, likelihood, loggers, callbacks), by the rules they declare.
+    A config already validated in this process (by the run guard) is not validated again."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    key = json.dumps(plain, sort_keys=True, default=str)
+    if key in _VALIDATED:
+        return
     rules = [(arg.key, arg) for arg in [*TRAIN_ARGS, *VAEModule.ARGS.values(), *SCHEDULER_OPTIONS.values()]]
-    for group in ("data", "model", "prior", "posterior", "likelihood"):
+    for group in ("data", "model", "prior", "posterior", "likelihood", "loss"):
         rules += [(f"{group}.{name}", arg) for name, arg in target_args(cfg.get(group)).items()]
     for group in ("logger", "callbacks"):
         for entry, node in (cfg.get(group) or {}).items():
             rules += [(f"{group}.{entry}.{name}", arg) for name, arg in target_args(node).items()]
     check_keys(cfg, rules)
+    _VALIDATED.add(key)
 
 
 def check_consistency(cfg: DictConfig, binary: bool) -> None:

@@ -111,13 +111,13 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     from vaelab.cli.config import build_model
     from vaelab.cli.rundirs import resume_from
     from vaelab.data import SOURCES
-    from vaelab.training.checkpoints import check_weights, load_checkpoint, model_state
+    from vaelab.training.checkpoints import check_fits
 
     path, _ = resume_from(cfg, run_dir)
     if path:
         source = SOURCES.get(cfg.data.name)
         if source is not None:
-            check_weights(build_model(cfg, source.image_shape), model_state(load_checkpoint(path)), path)
+            check_fits(build_model(cfg, source.image_shape), path)
 
 
 def refuse(exc: VaelabError) -> None:

@@ -22,19 +22,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, validate
+from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, spec, validate
 from vaelab.cli.rundirs import RunState, finished, resume_from, save_json
 from vaelab.console import say
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, VaelabError, run_or_explain
 from vaelab.training.callbacks import Preempted
-from vaelab.training.checkpoints import (
-    AtomicCheckpointIO,
-    check_weights,
-    load_checkpoint,
-    model_state,
-    remove_temporaries,
-)
+from vaelab.training.checkpoints import AtomicCheckpointIO, check_fits, remove_temporaries
 from vaelab.training.fit import fit
 from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
 from vaelab.training.module import VAEModule
@@ -110,17 +104,18 @@ def build_data_and_model(cfg: DictConfig, ckpt_path: str | None):
     if cfg.prior.get("init") == "data" and hasattr(model.prior, "init_from_data") and not ckpt_path:
         model.prior.init_from_data(datamodule.train_images())
     if ckpt_path:  # refuse a broken or foreign checkpoint before anything starts
-        check_weights(model, model_state(load_checkpoint(ckpt_path)), ckpt_path)
+        check_fits(model, ckpt_path)
     return datamodule, model
 
 
 def build_module(cfg: DictConfig, model, run_config: dict) -> VAEModule:
-    """VAEModule from the loss, optim, scheduler, eval and vaelab's trainer keys."""
-    optim, scheduler = dict(cfg.optim), OmegaConf.to_container(cfg.get("scheduler") or {"name": "none"}, resolve=True)
+    """VAEModule with what loss/, optim/ and scheduler/ instantiate (the objective; the optimiser and schedule as
+    partials it calls with the parameters and the optimiser), the eval keys and vaelab's trainer keys."""
+    scheduler = cfg.get("scheduler")
     return VAEModule(model, run_config=run_config, steps_per_execution=cfg.trainer.get("steps_per_execution", 1),
                      cuda_graphs=cfg.get("cuda_graphs", "auto"), gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-                     optimizer=optim.pop("name", "adam"), scheduler=scheduler.pop("name"), scheduler_options=scheduler,
-                     **cfg.loss, **optim, **cfg.eval)
+                     optimizer=build(spec(cfg.optim)), loss=build(cfg.loss),
+                     scheduler=build(spec(scheduler)) if scheduler and scheduler.get("_target_") else None, **cfg.eval)
 
 
 def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from vaelab.checks import Arg, check_args, one_of, positive_int
+from vaelab.data.batches import ExecutionPlan
 from vaelab.data.loader import InMemoryImages, InMemoryLoader, bernoulli_draw, binarize_once
 from vaelab.data.sources import SOURCES, Source, load_images, synthetic_images
 from vaelab.errors import ConfigError
@@ -58,6 +59,7 @@ class ImageDataModule(L.LightningDataModule):
         self.source: Source = SOURCES[name]
         self.image_shape: tuple[int, int, int] = self.source.image_shape
         self.train_set = self.val_set = self.test_set = None
+        self.execution_plan: ExecutionPlan | None = None  # handed over by the training module (use_execution_plan)
 
     @property
     def is_binary(self) -> bool:
@@ -121,13 +123,18 @@ class ImageDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def use_execution_plan(self, plan: ExecutionPlan | None) -> None:
+        """Cut training batches as executions of `plan` (batches.py); the training module hands its plan over
+        when it sets up its optimiser. None: one plain batch per step."""
+        self.execution_plan = plan
+
     def train_dataloader(self) -> InMemoryLoader:
-        """Executions of the module's `execution_plan` (steps per execution, and whether to hand over image
-        indices on the device instead of images); one batch per step when the module has no plan. With the
+        """Executions of the `execution_plan` the training module handed over (steps per execution, and whether to
+        hand over image indices on the device instead of images); one batch per step without one. With the
         trainer's overfit_batches, the same batches every epoch: no shuffling, the same binarisation draws."""
         rank, world = self._distributed()
         trainer = self.trainer
-        plan = getattr(trainer.lightning_module, "execution_plan", None) if trainer else None
+        plan = self.execution_plan
         overfit = trainer is not None and trainer.overfit_batches > 0
         return InMemoryLoader(
             self.train_set, self.batch_size, shuffle=not overfit, dynamic_binarize=self.binarize == "dynamic",

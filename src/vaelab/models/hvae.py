@@ -60,6 +60,14 @@ class JointDecoder(nn.Module):
         return self.decoder(torch.cat([b(z) for b, z in zip(self.branches, zs)], -1))
 
 
+def renamed_lower_posteriors(state_dict: dict, prefix: str = "", *args) -> dict:
+    """Checkpoints written before the rename call the lower layers' posteriors `posteriors`: the one shim kept,
+    since runs of the landed code hold such checkpoints (tests/test_models.py loads one). In place; returned."""
+    for key in [k for k in state_dict if k.startswith(prefix + "posteriors.")]:
+        state_dict[prefix + "lower_posteriors." + key[len(prefix + "posteriors."):]] = state_dict.pop(key)
+    return state_dict
+
+
 class HierarchicalVAE(VAEBase):
     ARGS = {**VAEBase.ARGS, "num_layers": positive_int("model.num_layers")}
 
@@ -81,9 +89,11 @@ class HierarchicalVAE(VAEBase):
         self.latent_dim, self.num_layers = latent_dim, num_layers
         # Lists run bottom-up: index 0 is layer 1 (nearest the data), index L-1 the top layer.
         self.top_encoder = Encoder(self.image_shape, latent_dim, hidden_dim, num_hidden, network)
-        self.posteriors = nn.ModuleList(
+        # q(z_l | z_l+1, x) of the layers below the top; `posterior` (VAEBase's) is the flow on the top layer's q
+        self.lower_posteriors = nn.ModuleList(
             ConditionalPosterior(self.image_shape, latent_dim, hidden_dim, network) for _ in range(num_layers - 1)
         )
+        self._register_load_state_dict_pre_hook(renamed_lower_posteriors)
         self.conditional_priors = nn.ModuleList(
             ConditionalPrior(latent_dim, hidden_dim, num_hidden) for _ in range(num_layers - 1)
         )
@@ -103,7 +113,7 @@ class HierarchicalVAE(VAEBase):
         eps = [None] * self.num_layers if noise is None else list(noise.split(self.latent_dim, dim=-1))
         z, mu, logvar, log_q_top = self._sample_posterior(self.top_encoder, x, n=k, eps=eps[0])
         layers = [(z, mu, logvar)]
-        for post, e in zip(reversed(self.posteriors), eps[1:]):
+        for post, e in zip(reversed(self.lower_posteriors), eps[1:]):
             mu, logvar = post(post.x_features(x), z)
             z = reparameterize(mu, logvar, eps=e)
             layers.append((z, mu, logvar))
@@ -155,7 +165,7 @@ class HierarchicalVAE(VAEBase):
         above (a deterministic pass)."""
         mu = self._posterior_point(self.top_encoder, x)
         means = [mu]
-        for post in reversed(self.posteriors):
+        for post in reversed(self.lower_posteriors):
             mu, _ = post(post.x_features(x), mu)
             means.append(mu)
         return means[::-1]

@@ -1,13 +1,12 @@
 """A model as plain data: class paths and constructor arguments, which a checkpoint stores beside the weights so
-that the model can be rebuilt without Hydra, its config or its data set (`build_from_spec`, `load_model`)."""
+that the model can be rebuilt without Hydra, its config or its data set (build.py, `load_model`). A leaf of
+models/: the parts import it, it imports none of them."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
-
-import torch
 
 from vaelab.errors import CheckpointError
 
@@ -44,26 +43,3 @@ def locate(path: str, base: type) -> type:
         raise CheckpointError(f"the checkpoint's model names {path}, which is not a {base.__name__}; the file is "
                               "not a vaelab checkpoint")
     return obj
-
-
-def build_from_spec(spec: dict):
-    """The model a spec describes, with fresh (untrained) weights."""
-    from vaelab.models.base import VAEBase
-    from vaelab.models.likelihoods import Likelihood
-    from vaelab.models.priors import Prior
-
-    def split(part: dict, base: type):
-        args = {k: v for k, v in part.items() if k != "_target_"}
-        return locate(part["_target_"], base), args
-
-    lik_cls, lik_args = split(spec["likelihood"], Likelihood)
-    prior_cls, prior_args = split(spec["prior"], Prior)
-    model_cls, model_args = split(spec["model"], VAEBase)
-    posterior = None
-    if spec.get("posterior"):  # (specs of vaelab 0.1 have none: the Gaussian)
-        post_cls, post_args = split(spec["posterior"], torch.nn.Module)
-        if not hasattr(post_cls, "is_flow"):  # vaelab's posteriors say whether they are flows
-            raise CheckpointError(f"the checkpoint's posterior {spec['posterior']['_target_']} is not a posterior")
-        posterior = functools.partial(post_cls, **post_args)
-    return model_cls(**model_args, likelihood=lik_cls(**lik_args), prior=functools.partial(prior_cls, **prior_args),
-                     posterior=posterior)

@@ -1,6 +1,6 @@
 """Training with Lightning: VAEModule (module.py: -ELBO, warm-up, free bits, logging), the step engine
 (engine.py: N optimiser steps per Lightning step, eagerly or as one CUDA graph), what is kept from each step
-without a sync (tracking.py), the optimiser (optim.py), callbacks (callbacks/), loggers and the W&B life cycle
+without a sync (step_records.py), the optimiser (optim.py), callbacks (callbacks/), loggers and the W&B life cycle
 (loggers.py), checkpoints (checkpoints.py) and trainer.fit with its early endings (fit.py)."""
 
 import warnings

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from vaelab.data.sources import SOURCES
 from vaelab.errors import CheckpointError, SaveError
 from vaelab.files import atomic_write
 from vaelab.models.base import VAEBase
-from vaelab.models.spec import build_from_spec
+from vaelab.models.build import build_from_spec
+from vaelab.models.hvae import renamed_lower_posteriors
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -37,24 +37,11 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_spec(ckpt: dict) -> dict:
-    """The model a checkpoint holds, as plain data (models/spec.py). Checkpoints of vaelab 0.1 hold only the run's
-    config, from which the spec is read (the image shape from the data set's registry entry)."""
-    if ckpt.get("vaelab_model"):
-        return ckpt["vaelab_model"]
-    cfg = ckpt.get("vaelab_config") or {}
-    source = SOURCES.get(cfg.get("data", {}).get("name"))
-    if source is None or not all(k in cfg for k in ("model", "prior", "likelihood")):
-        raise CheckpointError("the checkpoint describes no model that vaelab can rebuild (no model spec, and no "
-                              "model, prior, likelihood and data in its config)")
-
-    def part(node: dict) -> dict:
-        return {k: v for k, v in node.items() if k not in ("name", "_partial_")}
-
-    spec = {"model": {**part(cfg["model"]), "image_shape": source.image_shape}, "prior": part(cfg["prior"]),
-            "likelihood": part(cfg["likelihood"])}
-    if cfg.get("posterior"):
-        spec["posterior"] = part(cfg["posterior"])
-    return spec
+    """The model a checkpoint holds, as plain data (models/spec.py)."""
+    if not ckpt.get("vaelab_model"):
+        raise CheckpointError("the checkpoint describes no model that vaelab can rebuild (it has no model spec); "
+                              "pass a checkpoint written by vaelab-train or by a Trainer that trained a VAEModule")
+    return ckpt["vaelab_model"]
 
 
 def load_model(path: str | Path, weights: bool = True) -> VAEBase:
@@ -73,13 +60,25 @@ def model_of(ckpt: dict, path: str | Path, weights: bool = True) -> VAEBase:
 
 def model_state(ckpt: dict) -> dict:
     """The VAE's own weights (the LightningModule stores them under `model.`)."""
-    return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    return renamed_lower_posteriors({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
     """Load weights, saying plainly when they belong to another model (and loading nothing then)."""
     check_weights(model, state, path)
     model.load_state_dict(state)
+
+
+_FITS: set[tuple[str, int]] = set()  # (path, mtime) of checkpoints found to fit the configured model
+
+
+def check_fits(model: torch.nn.Module, path: str | Path) -> None:
+    """A checkpoint to continue from must be readable and hold `model`'s weights (CheckpointError otherwise). Read
+    once per start: the run guard checks it before anything is written, and train() does not read it again."""
+    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns if Path(path).exists() else -1)
+    if key not in _FITS:
+        check_weights(model, model_state(load_checkpoint(path)), path)
+        _FITS.add(key)
 
 
 def check_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:

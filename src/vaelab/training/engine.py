@@ -1,16 +1,18 @@
-"""The step engine: N optimiser steps inside one Lightning `training_step`, run eagerly or replayed as one
-CUDA graph. Either way it returns one row of statistics per optimiser step, [n, L + 2] = (recon sum,
-each layer's KL sum, the objective), from which the module keeps its epoch sums, NaN check and curves.
+"""The step engine: whole optimiser steps (forward, objective, zero_grad, backward, clipping, the optimiser's step,
+the finite check, the statistics), N of them inside one Lightning `training_step`, run eagerly or replayed as one
+CUDA graph. It is built from plain arguments (the model, the optimiser, the objective, how to clip, how often to
+check) and returns StepStats; VAEModule, the Lightning adapter, logs what comes back.
 
 Why: Lightning's loop costs about a millisecond a step whatever the model does. Several optimiser steps per
 Lightning step spread that cost over N steps (the lever on a CPU); a whole-step CUDA graph (batch gather,
 binarisation, forward, backward, fused Adam) turns N steps' hundreds of kernel launches into one replay that
-runs while Lightning's Python goes on (the lever on a GPU). Plain PyTorch; the module supplies the objective.
+runs while Lightning's Python goes on (the lever on a GPU). Plain PyTorch.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +20,8 @@ import torch
 from torch import Tensor
 
 from vaelab.models.base import ElboTerms
+from vaelab.training.objective import Loss
+from vaelab.training.step_records import NonFiniteTracker
 
 log = logging.getLogger("vaelab")
 
@@ -32,54 +36,93 @@ GRAPH_WARMUP_EXECUTIONS = 2
 
 
 @dataclass(frozen=True)
-class ExecutionPlan:
-    """What one training batch holds, as the data module's loader must cut it: `steps` consecutive batches,
-    as images [n, B, C, H, W] or, with `indices_on` set, as image indices [n, B] on that device (the engine
-    then gathers and binarises on the device itself)."""
+class StepStats:
+    """An execution's optimiser steps, each summed over its images: the reconstruction term, each stochastic
+    layer's KL, and the objective. One [n, L + 2] float32 tensor underneath (so that a GPU copies it to the host in
+    one transfer, and a CUDA graph writes it in place); read by name, never by column."""
 
-    steps: int = 1
-    indices_on: torch.device | None = None
+    table: Tensor  # [n, L + 2]
+
+    @staticmethod
+    def row(terms: ElboTerms, objective: Tensor) -> Tensor:
+        return torch.cat([terms.recon.detach().sum(0, keepdim=True).float(), terms.kl_layers.detach().sum(1).float(),
+                          objective.detach().reshape(1).float()])
+
+    @property
+    def steps(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def recon(self) -> Tensor:  # [n]
+        return self.table[:, 0]
+
+    @property
+    def kl_layers(self) -> Tensor:  # [n, L]
+        return self.table[:, 1:-1]
+
+    @property
+    def objective(self) -> Tensor:  # [n]
+        return self.table[:, -1]
+
+    def at(self, i: int) -> StepStats:
+        return StepStats(self.table[i : i + 1])
 
 
-def step_stats(terms: ElboTerms, objective: Tensor) -> Tensor:
-    """One optimiser step's row: [recon sum, KL sum of each layer, objective], float32, [L + 2]."""
-    return torch.cat([terms.recon.detach().sum(0, keepdim=True).float(), terms.kl_layers.detach().sum(1).float(),
-                      objective.detach().reshape(1).float()])
+class StepEngine:
+    """Whole optimiser steps, eagerly, in a Python loop: the same calls, in the same order, as N Lightning steps.
 
-
-class StepFunctions:
-    """What an engine needs from the module (VAEModule implements it)."""
-
-    model: torch.nn.Module
-
-    def images(self, batch: Tensor, i: int) -> Tensor: ...  # sub-batch i as float images [B, C, H, W]
-    def beta(self, step) -> float | Tensor: ...  # the KL weight at optimiser step `step` (int or tensor)
-    def objective(self, terms: ElboTerms, beta) -> Tensor: ...
-    def check_step(self, objective: Tensor, terms: ElboTerms, step: int) -> None: ...  # eager NaN check
-    def optimizer_step_now(self, objective: Tensor) -> None: ...  # zero_grad, backward, clip, step
-    def clip_now(self) -> None: ...  # clip the gradients (inside a graph too)
-
-
-class EagerEngine:
-    """N optimiser steps in a Python loop: the same calls, in the same order, as N Lightning steps."""
+    model: the VAE (its elbo_terms). optimizer: torch's, or Lightning's wrapper of it (DDP, fp16 scaling).
+    loss: the objective (objective.Loss); its KL weight is read at each step's number over `steps_per_epoch`.
+    images(batch, i): step i's images of a training batch (the data module's cut of its execution plan).
+    clip: called between backward and the optimiser's step (None: no clipping). backward: how to backpropagate
+    (Lightning's manual_backward under DDP and fp16; Tensor.backward otherwise). check_every: steps between
+    NaN/inf checks (1: every step, stopping before a non-finite objective reaches the weights)."""
 
     name = "eager"
 
-    def __init__(self, fns: StepFunctions) -> None:
-        self.fns = fns
+    def __init__(self, model: torch.nn.Module, optimizer, loss: Loss, images: Callable[[Tensor, int], Tensor],
+                 clip: Callable[[], None] | None = None, backward: Callable[[Tensor], None] | None = None,
+                 check_every: int = 1) -> None:
+        self.model, self.optimizer, self.loss, self.images = model, optimizer, loss, images
+        self.clip, self.backward, self.check_every = clip, backward or Tensor.backward, check_every
+        self.steps_per_epoch = 1  # set by the module at every fit's and epoch's start
+        self.nonfinite = NonFiniteTracker(len(model.latent_dims), epoch_of=lambda step: step // self.steps_per_epoch)
 
-    def run(self, batch: Tensor, n: int, step0: int) -> Tensor:
-        fns, rows = self.fns, []
-        for i in range(n):
-            terms = fns.model.elbo_terms(fns.images(batch, i))
-            objective = fns.objective(terms, fns.beta(step0 + i))
-            fns.check_step(objective, terms, step0 + i)
-            fns.optimizer_step_now(objective)
-            rows.append(step_stats(terms, objective))
-        return torch.stack(rows)  # [n, L + 2]
+    def weight(self, step: int | Tensor) -> float | Tensor:
+        """The KL weight at optimiser step `step` (a tensor inside a CUDA graph)."""
+        return self.loss.weight(step, self.steps_per_epoch)
+
+    def run(self, batch: Tensor, n: int, step0: int) -> StepStats:
+        """Optimiser steps step0 .. step0 + n - 1 on the execution `batch`."""
+        stats = StepStats(torch.stack([self._step(self.images(batch, i), step0 + i) for i in range(n)]))
+        self._track(stats, step0)
+        return stats
+
+    def _step(self, x: Tensor, step: int) -> Tensor:
+        terms = self.model.elbo_terms(x)
+        objective = self.loss(terms, self.weight(step))
+        if self.check_every == 1 and not math.isfinite(objective.item()):  # free on a CPU: no sync to wait for
+            self.nonfinite.track(StepStats(StepStats.row(terms, objective)[None]), step)
+            self.nonfinite.raise_if_any()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(objective)
+        if self.clip is not None:
+            self.clip()
+        self.optimizer.step()
+        return StepStats.row(terms, objective)
+
+    def _track(self, stats: StepStats, step0: int) -> None:
+        """Between checks, note the first non-finite step on the device; at each interval, look (on a GPU through
+        an asynchronous copy, so the step never waits)."""
+        every = self.check_every
+        if every == 1:
+            return
+        self.nonfinite.track(stats, step0)
+        if every and step0 // every != (step0 + stats.steps) // every:
+            self.nonfinite.check()
 
 
-class CudaGraphEngine(EagerEngine):
+class CudaGraphEngine(StepEngine):
     """N whole optimiser steps captured once as one CUDA graph and replayed for every full execution.
 
     The graph reads the execution's image indices from a static buffer (filled by a device-to-device copy)
@@ -87,14 +130,13 @@ class CudaGraphEngine(EagerEngine):
     needs no host-device synchronisation. Noise and binarisation draws come from the default CUDA generator,
     which PyTorch advances at every replay: each step gets fresh draws. Executions of another shape (the last
     of an epoch, the last before max_steps) run eagerly, with the same optimiser, said once in the log.
+    shape: (steps per execution, batch size); on_fallback(reason) is told when capture fails.
     """
 
     name = "cuda_graph"
 
-    def __init__(self, fns: StepFunctions, optimizer: torch.optim.Optimizer, shape: tuple[int, int],
-                 on_fallback: Callable[[str], None]) -> None:
-        super().__init__(fns)
-        self.optimizer = optimizer
+    def __init__(self, *args, shape: tuple[int, int], on_fallback: Callable[[str], None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.shape = tuple(shape)  # (steps per execution, batch size): the executions the graph replays
         self.on_fallback = on_fallback
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -103,7 +145,7 @@ class CudaGraphEngine(EagerEngine):
         self._said_other = False
         self._static_idx = self._static_step = self._static_stats = None
 
-    def run(self, batch: Tensor, n: int, step0: int) -> Tensor:
+    def run(self, batch: Tensor, n: int, step0: int) -> StepStats:
         if self.failed:
             return super().run(batch, n, step0)
         if tuple(batch.shape) != self.shape or n != self.shape[0]:
@@ -126,7 +168,9 @@ class CudaGraphEngine(EagerEngine):
         self._static_idx.copy_(batch, non_blocking=True)
         self._static_step.fill_(step0)
         self.graph.replay()
-        return self._static_stats
+        stats = StepStats(self._static_stats)
+        self._track(stats, step0)
+        return stats
 
     def _side_stream(self, fn):
         stream = torch.cuda.Stream()
@@ -137,7 +181,7 @@ class CudaGraphEngine(EagerEngine):
         return out
 
     def _capture(self, batch: Tensor) -> None:
-        fns, n = self.fns, batch.shape[0]
+        n = batch.shape[0]
         self._static_idx = batch.clone()
         self._static_step = torch.zeros((), dtype=torch.float32, device=batch.device)
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's memory pool
@@ -145,22 +189,14 @@ class CudaGraphEngine(EagerEngine):
         with torch.cuda.graph(graph):
             rows = []
             for i in range(n):
-                terms = fns.model.elbo_terms(fns.images(self._static_idx, i))
-                objective = fns.objective(terms, fns.beta(self._static_step + i))
+                terms = self.model.elbo_terms(self.images(self._static_idx, i))
+                objective = self.loss(terms, self.weight(self._static_step + i))
                 self.optimizer.zero_grad(set_to_none=True)
                 objective.backward()
-                fns.clip_now()
+                if self.clip is not None:
+                    self.clip()
                 self.optimizer.step()
-                rows.append(step_stats(terms, objective))
+                rows.append(StepStats.row(terms, objective))
             self._static_stats = torch.stack(rows)
         self.graph = graph
         log.info("cuda graphs: captured %d optimiser steps as one graph; replayed for every full execution", n)
-
-
-def batch_counts(batch, module=None) -> tuple[int, int]:
-    """(optimiser steps, images) in one training batch: an execution, [n, B, C, H, W] images or [n, B] image
-    indices, when `module` trains by execution plan (VAEModule); otherwise one step on len(batch) images."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(getattr(module, "execution_plan", None), ExecutionPlan) and (x.dim() == 5 or x.dtype == torch.long):
-        return x.shape[0], x.shape[0] * x.shape[1]
-    return 1, x.shape[0]

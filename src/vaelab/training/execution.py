@@ -9,8 +9,9 @@ import warnings
 
 import lightning as L
 
+from vaelab.data.batches import ExecutionPlan
 from vaelab.errors import ConfigError
-from vaelab.training.engine import AUTO_STEPS, ExecutionPlan
+from vaelab.training.engine import AUTO_STEPS
 
 log = logging.getLogger("vaelab")
 
@@ -43,8 +44,8 @@ def graph_obstacle(module: L.LightningModule, cuda_graphs: bool | str) -> str | 
         return "DDP: the gradient all-reduce is not captured"
     if getattr(trainer.strategy.precision_plugin, "scaler", None) is not None:
         return f"trainer.precision={trainer.precision}: its loss scaler reads the gradients on the host"
-    if getattr(module.hparams, "scheduler", "none") != "none":
-        return f"scheduler={module.hparams.scheduler}: a captured step would keep the learning rate it was captured with"
+    if getattr(module, "scheduler_factory", None) not in (None, "none"):
+        return "a learning-rate scheduler is configured: a captured step would keep the rate it was captured with"
     if "elbo_terms" in vars(module.model):
         return "compile=true: torch.compile makes its own graphs"
     dm = getattr(trainer, "datamodule", None)

@@ -6,7 +6,8 @@ Validation and test update one bundle of metrics (evaluation/metrics.py), the on
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -14,13 +15,15 @@ import torch
 from torch import Tensor
 
 from vaelab.checks import Arg, check_args, non_negative, one_of, positive
+from vaelab.data.batches import ExecutionPlan, batch_counts, step_images
 from vaelab.evaluation.metrics import IMPORTANCE_ARGS, ElboMeans, EvalMetrics
-from vaelab.models.base import ElboTerms, VAEBase
+from vaelab.models.base import VAEBase
 from vaelab.training.checkpoints import load_model
-from vaelab.training.engine import CudaGraphEngine, EagerEngine, ExecutionPlan, batch_counts
+from vaelab.training.engine import CudaGraphEngine, StepEngine
 from vaelab.training.execution import plan_execution
-from vaelab.training.optim import OPTIMIZER, SCHEDULER, build_optimizer, build_scheduler
-from vaelab.training.tracking import NonFiniteTracker, StepCurves
+from vaelab.training.objective import Loss
+from vaelab.training.optim import Factory, as_spec, build_optimizer, optimizer_factory, scheduler_factory
+from vaelab.training.step_records import StepCurves
 
 log = logging.getLogger("vaelab")
 
@@ -29,18 +32,19 @@ class VAEModule(L.LightningModule):
     """Trains any VAE on -ELBO = recon + KL with linear KL warm-up, beta weighting and free bits; tests it
     with the importance-sampled NLL.
 
-    beta: weight of the KL term after warm-up (1 gives the true ELBO).
-    warmup_epochs: beta rises linearly from 0 over this many epochs (0: no warm-up).
-    free_bits: floor, in nats, on the batch-mean KL of each stochastic layer (0: off).
+    loss: the objective (objective.Loss: beta, warmup_epochs, free_bits), or given flat as beta (the KL weight
+        after warm-up; 1 gives the true ELBO), warmup_epochs (beta rises linearly from 0 over this many epochs; 0:
+        no warm-up) and free_bits (a floor, in nats, on each stochastic layer's batch-mean KL; 0: off).
     importance_samples: K for test/nll.
-    fused: use Adam's fused kernel where the parameters' device supports it (CPU and CUDA): one kernel for
-        all parameters instead of a handful of ops per tensor.
     steps_per_execution: optimiser steps per Lightning step (each on its own batch), or "auto" (engine.AUTO_STEPS).
     cuda_graphs: "auto" (capture the whole step as a CUDA graph when training on one CUDA device and it can
         be captured; else eager, saying why), True (the same, but refuse to start when it cannot), False.
-    optimizer: adam | adamw | adam_normgrad (training/optim.py), with lr, weight_decay and fused.
-    scheduler: none | cosine | plateau | exponential, stepped once per epoch (plateau: on val/loss), with its
-        scheduler_options (conf/scheduler/); the learning rate is logged as train/lr.
+    optimizer: a factory called with the parameters (a torch.optim class or a functools.partial of one, as
+        conf/optim/ instantiates it), or a name, adam | adamw | adam_normgrad, with lr, weight_decay and fused (the
+        fused kernel where the parameters' device has one).
+    scheduler: a factory called with the optimiser (conf/scheduler/), or a name, none | cosine | plateau |
+        exponential, with scheduler_options; stepped once per epoch (plateau: on val/loss), the rate logged as
+        train/lr.
     gradient_clip_val: clip the gradients' global L2 norm to this before each optimiser step (None: off). Under
         manual optimisation Lightning's Trainer(gradient_clip_val) is not allowed; vaelab clips itself.
     """
@@ -49,9 +53,7 @@ class VAEModule(L.LightningModule):
         "lr": positive("optim.lr"),
         "weight_decay": non_negative("optim.weight_decay"),
         "fused": one_of("optim.fused", True, False),
-        "beta": non_negative("loss.beta"),
-        "warmup_epochs": non_negative("loss.warmup_epochs"),
-        "free_bits": non_negative("loss.free_bits"),
+        **Loss.ARGS,
         "importance_samples": IMPORTANCE_ARGS["importance_samples"],
         "importance_points_per_pass": IMPORTANCE_ARGS["points_per_pass"],
         "check_finite_every_n_steps": Arg("eval.check_finite_every_n_steps", "int", 1, nullable=True),
@@ -59,8 +61,6 @@ class VAEModule(L.LightningModule):
         "steps_per_execution": Arg("trainer.steps_per_execution", "int", 1, auto=True),
         "cuda_graphs": one_of("cuda_graphs", "auto", True, False),
         "gradient_clip_val": positive("trainer.gradient_clip_val", nullable=True),
-        "optimizer": OPTIMIZER,
-        "scheduler": SCHEDULER,
     }
 
     def __init__(
@@ -79,25 +79,41 @@ class VAEModule(L.LightningModule):
         steps_per_execution: int | str = 1,
         cuda_graphs: bool | str = "auto",
         gradient_clip_val: float | None = None,
-        optimizer: str = "adam",
-        scheduler: str = "none",
+        optimizer: str | dict | Factory = "adam",
+        scheduler: str | dict | Factory | None = "none",
         scheduler_options: dict | None = None,
+        loss: Loss | dict | None = None,
         run_config: dict | None = None,
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__()
+        # the objects the app instantiates (conf/optim, conf/scheduler, conf/loss) are kept as plain data, so that a
+        # checkpoint stays weights-only loadable; given by name, the flat arguments (lr, beta, ...) describe them
+        factories = {"optimizer": optimizer, "scheduler": scheduler, "loss": loss}
+        ignore = ["model", "run_config", *(k for k, v in factories.items() if not isinstance(v, str | None))]
+        ignore += ["lr", "weight_decay", "fused"] if not isinstance(optimizer, str) else []
+        ignore += ["scheduler_options"] if not isinstance(scheduler, str | None) else []
+        ignore += ["beta", "warmup_epochs", "free_bits"] if loss is not None else []
         # the app logs its whole composed config itself (lightning-hydra-template's way), so Lightning's flat copy of
         # these arguments goes to the loggers only when there is no run config
-        self.save_hyperparameters(ignore=["model", "run_config"], logger=run_config is None)
+        self.save_hyperparameters(ignore=ignore, logger=run_config is None)
+        self.loss = loss if isinstance(loss, Loss) else Loss(**(loss or {"beta": beta, "warmup_epochs": warmup_epochs,
+                                                                           "free_bits": free_bits}))
+        self.optimizer_factory = optimizer_factory(optimizer, lr, weight_decay, fused)
+        self.scheduler_factory = scheduler  # resolved with the trainer's max_epochs in configure_optimizers
+        if not isinstance(optimizer, str):
+            self.hparams["optimizer"] = as_spec(self.optimizer_factory)
+        if not isinstance(scheduler, str | None):
+            self.hparams["scheduler"] = as_spec(scheduler_factory(scheduler))
+        if loss is not None:
+            self.hparams["loss"] = asdict(self.loss)
         self.automatic_optimization = False  # the step engine runs the optimiser steps itself
         self.model = model
         self.run_config = run_config
-        self.execution_plan = ExecutionPlan()  # resolved with the device, in configure_optimizers
-        self.engine: EagerEngine | None = None
-        self.steps_per_epoch = 1  # optimiser steps per training epoch, set at each epoch's start
-        self._direct = False
+        self.execution_plan: ExecutionPlan | None = None  # resolved with the device, in configure_optimizers
+        self.engine: StepEngine | None = None
+        self.steps_per_epoch = 1  # optimiser steps per training epoch, set at every fit's and epoch's start
         layers = len(model.latent_dims)
-        self.nonfinite = NonFiniteTracker(layers, epoch_of=self._epoch_of_step)
         self.curves = StepCurves()
         self.train_means = ElboMeans(layers)
         self.train_means.persistent(True)  # a run resumed mid-epoch keeps the epoch's sums
@@ -117,86 +133,28 @@ class VAEModule(L.LightningModule):
 
     # -- the objective --------------------------------------------------------------------------
     def beta(self, step: int | Tensor | None = None) -> float | Tensor:
-        """KL weight at optimiser step `step` (default: now): linear warm-up from 0 to loss.beta over
-        warmup_epochs (fractional epochs). A tensor step (inside a CUDA graph) gives a tensor."""
-        b, warm = self.hparams.beta, self.hparams.warmup_epochs
-        if warm <= 0 or self._trainer is None:
-            return b
-        step = self.global_step if step is None else step
-        progress = step / self.steps_per_epoch / warm
-        return b * progress.clamp(max=1.0) if isinstance(progress, Tensor) else b * min(1.0, progress)
+        """KL weight at optimiser step `step` (default: now): the loss's warm-up (objective.Loss.weight)."""
+        if self._trainer is None:
+            return self.loss.beta
+        return self.loss.weight(self.global_step if step is None else step, self.steps_per_epoch)
 
-    def objective(self, terms: ElboTerms, beta: float | Tensor) -> Tensor:
-        """What training minimises: recon + beta * sum_l max(free_bits, KL_l), batch means. With beta=1 and
-        no free bits it is -ELBO; free bits (Kingma et al. 2016) remove the pressure on a layer's KL below
-        free_bits nats, against posterior collapse."""
-        kl_layers = terms.kl_layers.mean(1)  # [L]
-        if self.hparams.free_bits > 0:
-            kl_layers = kl_layers.clamp(min=self.hparams.free_bits)
-        return terms.recon.mean() + beta * kl_layers.sum()
-
-    # -- the step engine's side of a training step ----------------------------------------------
-    def images(self, batch: Tensor, i: int) -> Tensor:
-        """Sub-batch i of an execution as float images: cut (and binarised) on the device from indices, or
-        taken from the images the loader cut."""
-        if batch.dtype == torch.long:  # [n, B] image indices (CUDA graphs): the data module gathers on the device
-            return self.trainer.datamodule.train_batch(batch[i])
-        return batch[i] if batch.dim() == 5 else batch
-
-    def check_step(self, objective: Tensor, terms: ElboTerms, step: int) -> None:
-        """With a check every step (CPU, where reading a scalar costs no sync): stop before a non-finite
-        objective reaches the weights."""
-        if self.check_every == 1 and not math.isfinite(objective.item()):
-            rows = torch.cat([terms.recon.detach().sum(0, keepdim=True), terms.kl_layers.detach().sum(1)])[None]
-            self.nonfinite.track(rows, step)
-            self.nonfinite.raise_if_any()
-
-    def optimizer_step_now(self, objective: Tensor) -> None:
-        """zero_grad, backward, step. On one device with no loss scaler, backward and the optimiser are called
-        directly, so Lightning's per-step hooks (on_before_backward, on_after_backward, on_before_optimizer_step)
-        are not run; otherwise through Lightning, which DDP's gradient all-reduce and fp16's loss scaling need,
-        and which counts the step itself."""
-        opt = self.optimizers()
-        clip = self.hparams.gradient_clip_val
-        if self._direct:
-            opt.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            self.clip_now()
-            opt.optimizer.step()
-        else:
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(objective)
-            if clip:  # through Lightning, which unscales fp16 gradients first
-                self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            opt.step()
-
-    def clip_now(self) -> None:
-        """Clip the gradients' global norm to trainer.gradient_clip_val (no host sync: capturable too)."""
-        if self.hparams.gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.gradient_clip_val, foreach=True)
-
+    # -- a training step: the engine runs the optimiser steps, the module counts and logs them ----------
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        steps, images = batch_counts(batch, self)
+        steps, images = batch_counts(batch, self.execution_plan)
         size = images // steps
         step0 = self.global_step
         n = steps if self.trainer.max_steps < 0 else min(steps, self.trainer.max_steps - step0)
-        stats = self.engine.run(batch, n, step0)  # [n, L + 2]
+        stats = self.engine.run(batch, n, step0)
         self._count_steps(n - (self.global_step - step0))
         # Lightning advances its loggers' step by one per training_step; make it count optimiser steps
         self.trainer.fit_loop.epoch_loop._batches_that_stepped += n - 1
-        layers = len(self.model.latent_dims)
-        self.train_means.update(stats[:, 0], stats[:, 1 : 1 + layers].T, count=n * size)
-        every = self.check_every
-        if every != 1:
-            self.nonfinite.track(stats, step0)
-            if every and step0 // every != (step0 + n) // every:
-                self.nonfinite.check()
+        self.train_means.update(stats.recon, stats.kl_layers.T, count=n * size)
         every_log = self.trainer.log_every_n_steps
         for i in range(n):
             if every_log and (step0 + i + 1) % every_log == 0:  # per-step curves at Lightning's logging interval
                 step = step0 + i
-                self.curves.add(step, stats[i], size, {"train/beta": float(self.beta(step)),
-                                                       "epoch": self.current_epoch})
+                self.curves.add(step, stats.at(i), size, {"train/beta": float(self.beta(step)),
+                                                          "epoch": self.current_epoch})
         self.curves.flush(self.loggers)
 
     def _count_steps(self, n: int) -> None:
@@ -218,19 +176,21 @@ class VAEModule(L.LightningModule):
     def raise_if_nonfinite(self) -> None:
         """One sync: stop with a clear sentence if any step so far had a NaN or infinite loss. Runs at
         intervals and before anything is saved (validation, preemption)."""
-        self.nonfinite.raise_if_any()
-
-    def _epoch_of_step(self, step: int) -> int:
-        return step // self.steps_per_epoch if self._trainer is not None else self.current_epoch
+        if self.engine is not None:
+            self.engine.nonfinite.raise_if_any()
 
     # -- epochs, validation, test ------------------------------------------------------------------
     def on_train_start(self) -> None:
         # a fit resumed mid-epoch skips on_train_epoch_start for that epoch (Lightning's fit loop), and KL warm-up
         # reads steps_per_epoch at every step: it is counted here, at every fit's start, and again each epoch
-        self.steps_per_epoch = self._count_steps_per_epoch()
+        self.engine = self._build_engine()
+        self._set_steps_per_epoch()
 
     def on_train_epoch_start(self) -> None:
-        self.steps_per_epoch = self._count_steps_per_epoch()
+        self._set_steps_per_epoch()
+
+    def _set_steps_per_epoch(self) -> None:
+        self.steps_per_epoch = self.engine.steps_per_epoch = self._count_steps_per_epoch()
 
     def _count_steps_per_epoch(self) -> int:
         """Optimiser steps in a training epoch, after the trainer's limits."""
@@ -284,26 +244,44 @@ class VAEModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         if self._trainer is None:  # outside a Trainer (a plain check of the optimiser): no engine to set up
-            return build_optimizer(hp.optimizer, list(self.parameters()), hp.lr, hp.weight_decay, hp.fused)
-        self.execution_plan = plan_execution(self, hp.cuda_graphs, hp.steps_per_execution)
-        graphs = self.execution_plan.indices_on is not None
-        strategy = self.trainer.strategy
-        self._direct = (self.trainer.world_size == 1 and getattr(strategy.precision_plugin, "scaler", None) is None)
-        optimizer = build_optimizer(hp.optimizer, list(self.parameters()), hp.lr, hp.weight_decay, hp.fused,
-                                    capturable=graphs)
-        if graphs:
-            shape = (self.execution_plan.steps, self.trainer.datamodule.batch_size)
-            self.engine = CudaGraphEngine(self, optimizer, shape, self._graphs_failed)
-        else:
-            self.engine = EagerEngine(self)
-        schedule = build_scheduler(optimizer, hp.scheduler, self.trainer.max_epochs, **(hp.scheduler_options or {}))
+            return build_optimizer(self.optimizer_factory, list(self.parameters()))
+        datamodule = self.trainer.datamodule
+        takes_plans = hasattr(datamodule, "use_execution_plan")  # vaelab's ImageDataModule; a plain loader does not
+        plan = plan_execution(self, hp.cuda_graphs, hp.steps_per_execution if takes_plans else 1)
+        self.execution_plan = plan if takes_plans else None
+        if takes_plans:
+            datamodule.use_execution_plan(plan)  # its loader cuts executions of this plan
+        optimizer = build_optimizer(self.optimizer_factory, list(self.parameters()),
+                                    capturable=plan.indices_on is not None)
+        factory = scheduler_factory(self.scheduler_factory, hp.get("scheduler_options"), self.trainer.max_epochs)
+        schedule = factory(optimizer) if factory is not None else None
         if schedule is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch",
-                                                         "monitor": "val/loss"}}
+        # stepped by this module at each epoch's end (plateau on val/loss): manual optimisation takes no monitor key
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
-    def _graphs_failed(self, reason: str) -> None:
-        log.warning("cuda graphs: %s; training continues eagerly", reason)
+    def _build_engine(self) -> StepEngine:
+        """The step engine, from plain arguments. On one device with no loss scaler, backward and the optimiser are
+        called directly, so Lightning's per-step hooks (on_before_backward, on_after_backward,
+        on_before_optimizer_step) are not run; otherwise through Lightning (manual_backward, its optimiser wrapper,
+        its clipping, which unscales fp16 gradients first), which DDP's gradient all-reduce and fp16's loss
+        scaling need, and which counts the step itself."""
+        opt, clip_value = self.optimizers(), self.hparams.gradient_clip_val
+        plan, gather = self.execution_plan, getattr(self.trainer.datamodule, "train_batch", None)
+        direct = self.trainer.world_size == 1 and getattr(self.trainer.strategy.precision_plugin, "scaler", None) is None
+        if direct:
+            optimizer, backward = opt.optimizer, None
+            clip = partial(torch.nn.utils.clip_grad_norm_, list(self.parameters()), clip_value, foreach=True)
+        else:
+            optimizer, backward = opt, self.manual_backward
+            clip = partial(self.clip_gradients, opt, gradient_clip_val=clip_value, gradient_clip_algorithm="norm")
+        args = dict(model=self.model, optimizer=optimizer, loss=self.loss, backward=backward,
+                    images=partial(step_images, plan=plan, gather=gather), clip=clip if clip_value else None,
+                    check_every=self.check_every)
+        if plan is not None and plan.indices_on is not None:
+            return CudaGraphEngine(**args, shape=(plan.steps, self.trainer.datamodule.batch_size),
+                                   on_fallback=lambda why: log.warning("cuda graphs: %s; training continues eagerly", why))
+        return StepEngine(**args)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:  # the run's whole config: vaelab-eval and -sample rebuild its data too
@@ -317,15 +295,6 @@ class VAEModule(L.LightningModule):
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("epoch_means.train_.")]:  # vaelab <= 0.1's name for them
-            state["train_means." + key[len("epoch_means.train_."):]] = state.pop(key)
-        loops = checkpoint.get("loops", {}).get("fit_loop", {})
-        manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
-        automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
-        if manual is not None and automatic and manual["total"]["completed"] == 0 < automatic["total"]["completed"]:
-            # written before training moved to manual optimisation: its optimiser steps were counted there
-            loops["epoch_loop.manual_optimization.optim_step_progress"] = automatic
         if self._trainer is None:  # loaded as a model (load_from_checkpoint), not resumed: leave the RNG alone
             return
         if "torch_rng_state" in checkpoint:

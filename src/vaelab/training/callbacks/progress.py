@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 
 from vaelab.console import say
-from vaelab.training.engine import batch_counts
+from vaelab.data.batches import batch_counts, execution_plan_of
 
 
 class Throughput(L.Callback):
@@ -35,7 +35,7 @@ class Throughput(L.Callback):
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        steps, images = batch_counts(batch, pl_module)  # a batch may be an execution of several steps
+        steps, images = batch_counts(batch, execution_plan_of(trainer))  # a batch may be an execution of several steps
         self._steps += steps
         if self._start is not None:
             self._images += images
@@ -151,7 +151,7 @@ class LineProgress(ProgressBar):
         return min(ends) if ends else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        steps, images = batch_counts(batch, pl_module)  # a training batch may be an execution of several steps
+        steps, images = batch_counts(batch, execution_plan_of(trainer))  # a training batch may be an execution of several steps
         before = self._steps
         self._images, self._steps = self._images + images, self._steps + steps
         if before // self.every_n_batches == self._steps // self.every_n_batches:
@@ -162,14 +162,16 @@ class LineProgress(ProgressBar):
         per_epoch = self._steps_per_epoch(pl_module)
         line = f"{self._epoch(trainer, trainer.current_epoch)}: batch {self._steps}" + (f"/{per_epoch}" if per_epoch else "")
         line += f", {rate:,.0f} images/s"
-        if per_epoch:
-            done_in_epoch = trainer.global_step - trainer.current_epoch * per_epoch
-            left = max(per_epoch - done_in_epoch, 0)
-            line += f", epoch left {duration(left * epoch_seconds / self._steps)}"
+        epoch_left, epoch_end = 0.0, trainer.global_step
         run_steps = self._run_steps(trainer, per_epoch)
+        if per_epoch:
+            epoch_end = min((trainer.current_epoch + 1) * per_epoch, run_steps or float("inf"))
+            epoch_left = max(epoch_end - trainer.global_step, 0) * epoch_seconds / self._steps
+            line += f", epoch left {duration(epoch_left)}"
         fit_steps = trainer.global_step - self._fit_start_step
-        if run_steps and fit_steps > 0:
-            line += f", run left {duration((run_steps - trainer.global_step) * (now - self._fit_start) / fit_steps)}"
+        if run_steps and fit_steps > 0:  # this epoch at its own rate, the epochs after it at the fit's
+            after = max(run_steps - max(epoch_end, trainer.global_step), 0) * (now - self._fit_start) / fit_steps
+            line += f", run left {duration(epoch_left + after)}"
         self._print(trainer, line)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,7 +1,6 @@
-"""What the training module keeps from each optimiser step without making the step wait for a GPU: a tracker
-of the first non-finite loss, and the per-step curves. Both take the step engine's rows,
-[n, L + 2] = (recon sum, each layer's KL sum, objective), and read them back to the host by pinned asynchronous
-copies."""
+"""What is kept from each optimiser step without making the step wait for a GPU: a tracker of the first
+non-finite loss (the engine's), and the per-step curves (the module's). Both take the engine's StepStats (its
+recon, kl_layers and objective, by name), and read them back to the host by pinned asynchronous copies."""
 
 from __future__ import annotations
 
@@ -33,14 +32,14 @@ class NonFiniteTracker:
         self._first_bad: Tensor | None = None  # [3]: step, recon bad, KL bad; step -1 while all is well
         self._probe: tuple[Tensor, torch.cuda.Event] | None = None
 
-    def track(self, stats: Tensor, step0: int) -> None:
-        """Note the first bad row of stats [n, >= L + 1], the rows of steps step0 .. step0 + n - 1 (no sync)."""
-        bad = ~torch.isfinite(stats[:, : 1 + self.num_layers])  # [n, 1 + L]
-        recon_bad, kl_bad = bad[:, 0], bad[:, 1:].any(1)  # [n]
+    def track(self, stats, step0: int) -> None:
+        """Note the first bad step of StepStats `stats`, the steps step0 .. step0 + n - 1 (no sync)."""
+        recon_bad, kl_bad = ~torch.isfinite(stats.recon), (~torch.isfinite(stats.kl_layers)).any(1)  # [n]
         any_bad = recon_bad | kl_bad
-        first = any_bad.int().argmax().reshape(1)  # the first bad step's row (0 if none)
-        if self._first_bad is None or self._first_bad.device != stats.device:
-            self._first_bad = torch.full((3,), -1, dtype=torch.long, device=stats.device)
+        first = any_bad.int().argmax().reshape(1)  # the first bad step (0 if none)
+        device = stats.recon.device
+        if self._first_bad is None or self._first_bad.device != device:
+            self._first_bad = torch.full((3,), -1, dtype=torch.long, device=device)
         now = torch.cat([first + step0, recon_bad.index_select(0, first).long(), kl_bad.index_select(0, first).long()])
         self._first_bad = torch.where(any_bad.any() & (self._first_bad[0] < 0), now, self._first_bad)
 
@@ -79,13 +78,14 @@ class StepCurves:
     def __init__(self) -> None:
         self._pending: list[tuple[int, Tensor, torch.cuda.Event | None, int, dict]] = []
 
-    def add(self, step: int, row: Tensor, batch_size: int, extra: dict) -> None:
-        """row: the step's [L + 2] statistics over batch_size images; extra: values to log beside them."""
-        if row.device.type == "cuda":
-            host, done = _copy_to_host(row)
+    def add(self, step: int, stats, batch_size: int, extra: dict) -> None:
+        """stats: one step's StepStats over batch_size images; extra: values to log beside them."""
+        values = torch.stack([stats.recon[0], stats.kl_layers[0].sum(), stats.objective[0]])  # [3]
+        if values.device.type == "cuda":
+            host, done = _copy_to_host(values)
             self._pending.append((step, host, done, batch_size, extra))
         else:
-            self._pending.append((step, row.clone(), None, batch_size, extra))
+            self._pending.append((step, values, None, batch_size, extra))
 
     def flush(self, loggers, wait: bool = False) -> None:
         """Log every row whose copy has landed (with wait, every row), in step order."""
@@ -96,8 +96,8 @@ class StepCurves:
             if done is not None:
                 done.synchronize()
             self._pending.pop(0)
-            values = row.tolist()
-            recon, kl, objective = values[0] / size, sum(values[1:-1]) / size, values[-1]
+            recon_sum, kl_sum, objective = row.tolist()
+            recon, kl = recon_sum / size, kl_sum / size
             metrics = {"train_step/loss": recon + kl, "train_step/elbo": -(recon + kl), "train_step/recon": recon,
                        "train_step/kl": kl, "train_step/objective": objective, **extra}
             for logger in loggers:
