@@ -102,3 +102,20 @@ class SignalAtTest(L.Callback):
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == self.batch:
             os.kill(os.getpid(), self.signum)
+
+
+class FreezeWandbAtTestEnd(L.Callback):
+    """Freeze (SIGSTOP) this process's wandb-core service when the test phase ends: a hung W&B at exit."""
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        from pathlib import Path
+
+        for proc in Path("/proc").iterdir():
+            try:
+                stat = (proc / "stat").read_text()
+            except (OSError, ValueError):
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if "wandb-core" in stat and int(fields[1]) == os.getpid():  # our child
+                os.kill(int(proc.name), signal.SIGSTOP)
+                print(f"fault_callbacks: froze wandb-core {proc.name}", flush=True)

@@ -20,17 +20,19 @@ def _kill_at(step: int, signum: int) -> list[str]:
             f"+callbacks.kill.signum={int(signum)}"]
 
 
-def test_submitit_requeues_a_signalled_job_which_continues_the_same_run(tmp_path, fashion_mnist):
-    """SIGUSR2 is what SLURM sends before the time limit (conf/hydra/launcher/slurm.yaml): the run saves, hands
-    the signal to submitit, submitit requeues the job, and the new start continues from the checkpoint."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
+def test_submitit_requeues_a_signalled_job_which_continues_the_same_run(tmp_path, fashion_mnist, signum):
+    """SIGUSR2 is what SLURM sends before the time limit (conf/hydra/launcher/slurm.yaml), SIGTERM what scancel
+    and preemption send: the run saves, hands the signal to submitit (for SIGTERM through the handler Lightning
+    wraps around submitit's), submitit requeues the job, and the new start continues from the checkpoint."""
     sweep = tmp_path / "sweep"
     proc = run_app("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *SMALL,
-                   *_kill_at(25, signal.SIGUSR2), "logger=default", f"hydra.sweep.dir={sweep}")
+                   *_kill_at(25, signum), "logger=default", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((sweep / "0" / "results.json").read_text())
     assert res["status"] == "finished" and res["global_step"] == 60 and res["preemptions"] == 1
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
-    assert "stopped by SIGUSR2 at epoch 1, step 30" in logs and "Requeued job" in logs
+    assert f"stopped by {signal.Signals(signum).name} at epoch 1, step 30" in logs and "Requeued job" in logs
     runs = list((sweep / "0" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # two starts, one W&B run id
     assert res["wandb"]["id"] == runs[0].name.rsplit("-", 1)[1]

@@ -24,6 +24,7 @@ class Arg:
     choices: tuple = ()
     auto: bool = False  # "auto" is allowed too
     nullable: bool = False  # None (null) is allowed too
+    high: float | None = None  # the largest value allowed (what fits memory, say)
 
     def check(self, value, key: str | None = None):
         """Return value, or raise ConfigError with one sentence naming the key, the value and what is allowed."""
@@ -44,6 +45,8 @@ class Arg:
         if self.low is not None and (value < self.low or (self.strict and value == self.low)):
             bound = f"greater than {self.low}" if self.strict else f"at least {self.low}"
             raise ConfigError(f"{key} must be {bound}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise ConfigError(f"{key} must be at most {self.high:g}, got {value!r}")
         return value
 
 

@@ -4,6 +4,7 @@ configs with Hydra's instantiate."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,6 +42,31 @@ def target_args(node) -> dict[str, Arg]:
         return {}
 
 
+ARGUMENT_GROUPS = ("data", "model", "prior", "posterior", "likelihood", "loss", "optim", "scheduler")
+PASSED_BY_VAELAB = {"self", "image_shape", "likelihood", "prior", "posterior", "params", "optimizer", "encoder",
+                    "latent_dim_of", "context_dim"}  # what vaelab passes itself, never a config key
+
+
+def check_arguments(cfg: DictConfig) -> None:
+    """Each key of a group that instantiates a class must be one of its arguments: `+model.foo=1` is refused in
+    one sentence before anything is built or written (Hydra would fail later, inside instantiate)."""
+    for group in ARGUMENT_GROUPS:
+        node = cfg.get(group)
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        try:
+            params = inspect.signature(get_object(target)).parameters if target else {}
+        except Exception:  # noqa: BLE001 - a target that does not import: instantiate says so
+            continue
+        if not params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            continue
+        named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for key in node:
+            if key not in ("_target_", "_partial_", "name") and key not in named:
+                allowed = ", ".join(n for n in named if n not in PASSED_BY_VAELAB)
+                raise ConfigError(f"{group} has no argument {key} (its arguments: {allowed}); remove {group}.{key} "
+                                  "or check its spelling")
+
+
 def check_keys(cfg: DictConfig, rules: Iterable[tuple[str, Arg]]) -> None:
     """Check each config key present in cfg against its rule; the first wrong value raises ConfigError."""
     for key, arg in rules:
@@ -69,6 +95,7 @@ def validate(cfg: DictConfig) -> None:
         for entry, node in (cfg.get(group) or {}).items():
             rules += [(f"{group}.{entry}.{name}", arg) for name, arg in target_args(node).items()]
     check_keys(cfg, rules)
+    check_arguments(cfg)
     _VALIDATED.add(key)
 
 

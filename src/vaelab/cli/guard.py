@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from vaelab.errors import ConfigError, VaelabError
 
 LOCK = "run.lock"
 _held: set[Path] = set()
+_created: set[Path] = set()  # run directories this start made (a refused start removes them again)
 
 
 def is_launcher_process() -> bool:
@@ -120,6 +122,16 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
             check_fits(build_model(cfg, source.image_shape), path)
 
 
+def discard_if_stub(run_dir: Path) -> None:
+    """Remove a run directory this start created, when the start was refused before it saved anything of value
+    (no checkpoint, no results.json): a refused start leaves nothing behind."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir not in _created or any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "results.json").exists():
+        return
+    release(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def refuse(exc: VaelabError) -> None:
     print(f"error: {exc}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -134,6 +146,8 @@ class RunGuard(Callback):
         from vaelab.cli.config import validate
 
         run_dir = Path(str(config.hydra.run.dir)).absolute()
+        if not run_dir.exists():
+            _created.add(run_dir)
         try:
             validate(config)
             check_run_dir(run_dir)
@@ -141,6 +155,7 @@ class RunGuard(Callback):
             check_resume(config, run_dir)
         except VaelabError as exc:
             release(run_dir)
+            discard_if_stub(run_dir)
             refuse(exc)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:

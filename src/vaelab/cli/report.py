@@ -22,7 +22,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.files import atomic_write
 
 COLUMNS = [  # (results key, table header)
     ("test/nll", "test NLL"), ("test/elbo", "test ELBO"), ("test/recon", "recon"), ("test/kl", "KL"),
@@ -38,6 +40,7 @@ class Run:
     status: str
     results: dict = field(default_factory=dict)
     error: str | None = None
+    curves: dict = field(default_factory=dict)  # validation curves from metrics.csv: {key: [(epoch, value)]}
 
     @property
     def metrics(self) -> dict:
@@ -56,27 +59,54 @@ def _extra_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if o.split("=")[0].lstrip("+~") not in named and not o.startswith("hydra.")]
 
 
+class BrokenRun(Exception):
+    """A run directory the report cannot read: it is skipped, with one line saying why."""
+
+
+def read_run(hydra_dir: Path) -> tuple[Run, list[str]]:
+    """One run directory: its config, overrides, results and curves, all read and checked before any is used."""
+    run_dir = hydra_dir.parent
+    try:
+        cfg = OmegaConf.load(hydra_dir / "config.yaml")
+        overrides_file = hydra_dir / "overrides.yaml"
+        overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+    except Exception as exc:  # noqa: BLE001 - YAML errors of every kind
+        raise BrokenRun(f".hydra/ cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(cfg, DictConfig) or not all(isinstance(cfg.get(k), DictConfig) for k in ("model", "prior", "likelihood")):
+        raise BrokenRun(".hydra/config.yaml names no model, prior and likelihood: not a vaelab-train run")
+    results, status, error = {}, "failed", "no results.json: the run crashed or is still running"
+    results_file = run_dir / "results.json"
+    if results_file.is_file():
+        try:
+            results = json.loads(results_file.read_text())
+        except (UnicodeDecodeError, ValueError):
+            raise BrokenRun("results.json is not valid JSON") from None
+        if not isinstance(results, dict) or not isinstance(results.get("metrics", {}), dict):
+            raise BrokenRun("results.json holds no object with metrics")
+        status, error = results.get("status", "finished"), results.get("error")
+    run = Run(run_dir, _base_label(cfg), cfg.get("seed"), status, results, error)
+    try:
+        run.curves = _val_curves(run)
+    except (ValueError, KeyError, UnicodeDecodeError, csv.Error) as exc:
+        raise BrokenRun(f"metrics.csv cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
+    return run, _extra_overrides(overrides)
+
+
 def find_runs(root: Path) -> list[Run]:
     """Every run directory below root. A configuration's label is model+prior (likelihood) plus the
-    overrides that differ between runs; seeds never split a configuration."""
+    overrides that differ between runs; seeds never split a configuration. A run that cannot be read is
+    skipped with one line on stderr naming it and why."""
     runs, extras = [], []
     for hydra_dir in sorted(root.rglob(".hydra")):
-        run_dir = hydra_dir.parent
-        cfg_file = hydra_dir / "config.yaml"
-        if not cfg_file.is_file():
+        if not (hydra_dir / "config.yaml").is_file():
             continue
-        cfg = OmegaConf.load(cfg_file)
-        overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml")) if (hydra_dir / "overrides.yaml").is_file() else []
-        results_file = run_dir / "results.json"
-        results, status, error = {}, "failed", "no results.json: the run crashed or is still running"
-        if results_file.is_file():
-            try:
-                results = json.loads(results_file.read_text())
-                status, error = results.get("status", "finished"), results.get("error")
-            except json.JSONDecodeError:
-                error = "results.json is not valid JSON"
-        extras.append(_extra_overrides([str(o) for o in overrides]))
-        runs.append(Run(run_dir, _base_label(cfg), cfg.get("seed"), status, results, error))
+        try:
+            run, extra = read_run(hydra_dir)
+        except BrokenRun as why:
+            print(f"vaelab-report: skipped {hydra_dir.parent}: {why}", file=sys.stderr, flush=True)
+            continue
+        runs.append(run)
+        extras.append(extra)
     common = set.intersection(*map(set, extras)) if extras else set()
     for run, extra in zip(runs, extras):
         run.label = " ".join([run.label, *(o for o in extra if o not in common)])
@@ -129,14 +159,14 @@ def markdown(rows: list[dict], runs: list[Run]) -> str:
 
 def write_tables(root: Path, rows: list[dict], runs: list[Run]) -> dict[str, Path]:
     paths = {"report.md": root / "report.md", "report.csv": root / "report.csv", "runs.csv": root / "runs.csv"}
-    paths["report.md"].write_text(
-        f"# vaelab report: {root}\n\nTest metrics in nats per image (bits/dim aside); mean ± std over seeds.\n\n"
-        + markdown(rows, runs))
-    with open(paths["report.csv"], "w", newline="") as f:
+    with atomic_write(paths["report.md"]) as f:
+        f.write(f"# vaelab report: {root}\n\nTest metrics in nats per image (bits/dim aside); mean ± std over "
+                "seeds.\n\n" + markdown(rows, runs))
+    with atomic_write(paths["report.csv"], newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(paths["runs.csv"], "w", newline="") as f:
+    with atomic_write(paths["runs.csv"], newline="") as f:
         fields = ["run_dir", "configuration", "seed", "status", "error"] + [k for k, _ in COLUMNS] + [
             "num_parameters", "epochs", "train_time_s"]
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -166,7 +196,7 @@ def plot_curves(root: Path, runs: list[Run]) -> Path:
     titles = {"val/elbo": "validation ELBO (nats)", "val/recon": "validation reconstruction (nats)",
               "val/kl": "validation KL (nats)"}
     for run in runs:
-        curves = _val_curves(run)
+        curves = run.curves
         name = run.label + (f" s{run.seed}" if run.seed is not None else "") + ("" if run.status == "finished" else " (failed)")
         for ax, (key, points) in zip(axes, curves.items()):
             if points:
@@ -175,14 +205,15 @@ def plot_curves(root: Path, runs: list[Run]) -> Path:
         ax.set_title(titles[key])
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    elbo = [v for r in runs for _, v in _val_curves(r)["val/elbo"]]
+    elbo = [v for r in runs for _, v in r.curves["val/elbo"]]
     if len(elbo) > 4:  # the first epochs' ELBO dwarfs the differences that matter: zoom on the later ones
         lo, hi = sorted(elbo)[0], sorted(elbo)[-1]
         axes[0].set_ylim(max(lo, hi - 4 * (statistics.median(elbo) - lo + 1e-9) - 1), hi + 1)
     axes[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = root / "curves.png"
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -204,7 +235,8 @@ def plot_samples(root: Path, runs: list[Run]) -> Path:
     fig.suptitle("prior samples")
     fig.tight_layout()
     path = root / "samples.png"
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +37,19 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
+def _read_overrides(path: Path, key: str | None = None) -> list | None:
+    """A run's recorded overrides (overrides.yaml, or `key` of multirun.yaml), or None when the file cannot be
+    read: one broken run directory never stops resume=auto from finding the right one. Said once per file."""
+    try:
+        value = OmegaConf.load(path)
+        value = OmegaConf.select(value, key, default=None) if key else value
+        return list(value) if value is not None else None
+    except Exception as exc:  # noqa: BLE001 - YAML errors of every kind
+        print(f"vaelab: skipped {path} while looking for the run to resume: it cannot be read "
+              f"({type(exc).__name__})", file=sys.stderr, flush=True)
+        return None
+
+
 def run_dir(base: str, resume, overrides) -> str:
     """The run directory: a new timestamped one, or with resume=auto the newest unfinished run of the same
     command (same overrides, resume= aside) that has a checkpoint to continue from."""
@@ -47,7 +61,8 @@ def run_dir(base: str, resume, overrides) -> str:
         overrides_file = d / ".hydra" / "overrides.yaml"
         saved = sorted((d / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         if overrides_file.is_file() and saved and not finished(d):
-            if _comparable(OmegaConf.load(overrides_file)) == want:
+            overrides_of = _read_overrides(overrides_file)
+            if overrides_of is not None and _comparable(overrides_of) == want:
                 found.append((saved[-1].stat().st_mtime, str(d)))
     return max(found)[1] if found else fresh
 
@@ -70,7 +85,7 @@ def _find_sweep_dir(base: str, resume, overrides) -> str:
     for d in Path(base).glob("*"):
         saved = d / "multirun.yaml"
         if saved.is_file():
-            task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=None)
+            task = _read_overrides(saved, "hydra.overrides.task")
             if task is not None and _comparable(task) == want:
                 found.append((saved.stat().st_mtime, str(d)))
     return max(found)[1] if found else fresh

@@ -10,14 +10,20 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from vaelab.cli.config import CONF_DIR, refuse_unknown_keys, restore
+from vaelab.checks import Arg
+from vaelab.cli.config import CONF_DIR, check_keys, refuse_unknown_keys, restore
 from vaelab.devices import pick_device
 from vaelab.errors import run_or_explain
 from vaelab.evaluation.grids import all_grids
 
+# vaelab-sample's counts, with upper bounds that keep a grid in memory (4,096 images of 32x32x3 floats: 50 MB)
+ARGS = [Arg("num_samples", "int", 1, high=4096), Arg("num_reconstructions", "int", 1, high=1024),
+        Arg("steps", "int", 2, high=64), Arg("seed", "int", 0)]
+
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     refuse_unknown_keys(cfg, "vaelab-sample", Path(CONF_DIR) / "sample.yaml")
+    check_keys(cfg, [(arg.key, arg) for arg in ARGS])
     torch.manual_seed(cfg.seed)
     _, datamodule, model = restore(cfg.ckpt_path, {"root": cfg.data_root})
     device = pick_device(cfg.device)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, spec, validate
+from vaelab.cli.guard import discard_if_stub
 from vaelab.cli.rundirs import RunState, finished, resume_from, save_json
 from vaelab.console import say
 from vaelab.devices import matmul_precision
@@ -51,25 +52,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         say(f"vaelab: {out_dir} has finished already; not trained again.")
         return json.loads((out_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"),
-                                                        str(cfg.trainer.get("accelerator", "auto"))))
-    if rank_zero_only.rank == 0:
-        remove_temporaries(out_dir / "checkpoints")
-    ckpt_path, skipped = resume_from(cfg, out_dir)
-    if skipped and rank_zero_only.rank == 0:
-        say(skipped)
-    state = RunState.load(out_dir) if ckpt_path else RunState()
-
-    datamodule, model = build_data_and_model(cfg, ckpt_path)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    module = build_module(cfg, model, run_config)
-    if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
-        model.elbo_terms = torch.compile(model.elbo_terms)
-    loggers = build_loggers(cfg, state.wandb_run_id)
-    trainer = build_trainer(cfg, loggers)
-    state.wandb_run_id = loggers.start(run_config, **run_facts(model, trainer)) or state.wandb_run_id
-    say_start(cfg, model, trainer, out_dir, ckpt_path)
+    try:
+        state, ckpt_path, datamodule, model, module, loggers, trainer = set_up(cfg, out_dir)
+    except VaelabError:
+        discard_if_stub(out_dir)  # a refused start (missing data, a foreign checkpoint) leaves no stub directory
+        raise
 
     t0 = time.perf_counter()
     stop = fit(trainer, module, datamodule, ckpt_path)
@@ -92,6 +79,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_summary(results, out_dir, wandb_dir)
     loggers.finish()
     return results
+
+
+def set_up(cfg: DictConfig, out_dir: Path):
+    """Everything before training: seeds, the checkpoint to continue from, data, model, module, loggers, trainer."""
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"),
+                                                        str(cfg.trainer.get("accelerator", "auto"))))
+    if rank_zero_only.rank == 0:
+        remove_temporaries(out_dir / "checkpoints")
+    ckpt_path, skipped = resume_from(cfg, out_dir)
+    if skipped and rank_zero_only.rank == 0:
+        say(skipped)
+    state = RunState.load(out_dir) if ckpt_path else RunState()
+    datamodule, model = build_data_and_model(cfg, ckpt_path)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    module = build_module(cfg, model, run_config)
+    if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
+        model.elbo_terms = torch.compile(model.elbo_terms)
+    loggers = build_loggers(cfg, state.wandb_run_id)
+    trainer = build_trainer(cfg, loggers)
+    state.wandb_run_id = loggers.start(run_config, **run_facts(model, trainer)) or state.wandb_run_id
+    say_start(cfg, model, trainer, out_dir, ckpt_path)
+    return state, ckpt_path, datamodule, model, module, loggers, trainer
 
 
 def build_data_and_model(cfg: DictConfig, ckpt_path: str | None):
@@ -267,7 +277,7 @@ def failed_in_sweep(cfg: DictConfig, exc: VaelabError) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    log.error("%s", exc)
+    logging.getLogger("vaelab.console").error("error: %s", exc)  # train.log only: stderr has the line already
     finish_any_wandb_run(exit_code=1)
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         return None

@@ -3,11 +3,11 @@ offline; a resumed run continues its W&B run; every run ends its W&B run once, w
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import netrc
 import os
-import socket
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -15,7 +15,9 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from vaelab.checks import one_of
+from vaelab.checks import one_of, positive
+from vaelab.console import say
+from vaelab.errors import ConfigError
 from vaelab.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -30,27 +32,49 @@ def wandb_credentials() -> bool:
         return False
 
 
-def wandb_reachable(host: str = "api.wandb.ai", timeout: float = 3.0) -> bool:
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def wandb_reachable(url: str | None = None, timeout: float = 5.0) -> bool:
+    """Whether the W&B server answers an HTTP request within `timeout` seconds (any answer counts: a server that
+    takes the connection and never answers does not)."""
+    import urllib.error
+    import urllib.request
+
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        urllib.request.urlopen(url or wandb_server(), timeout=timeout).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
         return False
 
 
-def resolve_wandb_mode(mode: str = "auto") -> str:
-    """auto: WANDB_MODE if set, else online with credentials and network, else offline."""
-    if wandb_logger.ARGS["mode"].check(mode) != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled", "dryrun"):
-        return "offline" if os.environ["WANDB_MODE"] == "dryrun" else os.environ["WANDB_MODE"]
+def resolve_wandb_mode(mode: str = "auto", timeout: float = 5.0) -> str:
+    """The mode W&B runs in. auto: WANDB_MODE if set, else online with credentials; and online only if the server
+    answers within `timeout` seconds, else offline with one line saying how to upload later. online: the same
+    checks, but a failing one is an error (ConfigError), not a fallback."""
+    wandb_logger.ARGS["mode"].check(mode)
+    wanted = mode
+    if mode == "auto":
+        env = os.environ.get("WANDB_MODE")
+        wanted = {"dryrun": "offline"}.get(env, env) if env in ("online", "offline", "disabled", "dryrun") else "online"
+    if wanted != "online":
+        return wanted
+    problem = None
     if not wandb_credentials():
-        log.info("No W&B credentials found (WANDB_API_KEY or `wandb login`): logging offline.")
-        return "offline"
-    if not wandb_reachable():
-        log.info("W&B credentials found but api.wandb.ai is unreachable: logging offline.")
-        return "offline"
-    return "online"
+        problem = "no W&B credentials were found (WANDB_API_KEY or `wandb login`)"
+    elif not wandb_reachable(timeout=timeout):
+        problem = f"the W&B server {wandb_server()} did not answer within {timeout:g} s"
+    if problem is None:
+        return "online"
+    if mode == "online":
+        raise ConfigError(f"logger.wandb.mode=online, but {problem}; log offline with logger.wandb.mode=offline and "
+                          "upload later with wandb sync, or raise logger.wandb.network_timeout")
+    if os.environ.get("WANDB_MODE") == "online" or wandb_credentials():
+        say(f"vaelab: {problem}: W&B logs offline; upload the run later with wandb sync <run dir>/wandb/offline-run-*")
+    return "offline"
 
 
 def wandb_logger(
@@ -64,11 +88,14 @@ def wandb_logger(
     mode: str = "auto",
     log_model: bool | str = False,
     run_id: str | None = None,
+    network_timeout: float = 5.0,
+    finish_timeout: float = 60.0,
 ) -> WandbLogger:
-    """Lightning's WandbLogger, writing under the run directory, in the mode `resolve_wandb_mode` picks."""
+    """Lightning's WandbLogger, writing under the run directory, in the mode `resolve_wandb_mode` picks (waiting at
+    most `network_timeout` seconds for the W&B server)."""
     import wandb
 
-    resolved = resolve_wandb_mode(mode)
+    resolved = resolve_wandb_mode(mode, network_timeout)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
         save_dir=save_dir, project=project, group=group, name=name, tags=list(tags or []), job_type=job_type,
@@ -83,10 +110,13 @@ def wandb_logger(
     # of that deprecated setting; vaelab never sets it, so it is not passed at all
     logger._wandb_init.pop("anonymous", None)
     logger.vaelab_log_model_offline = bool(log_model) and resolved == "offline"
+    logger.vaelab_finish_timeout = finish_timeout
     return logger
 
 
-wandb_logger.ARGS = {"mode": one_of("logger.wandb.mode", "auto", "online", "offline", "disabled")}
+wandb_logger.ARGS = {"mode": one_of("logger.wandb.mode", "auto", "online", "offline", "disabled"),
+                     "network_timeout": positive("logger.wandb.network_timeout"),
+                     "finish_timeout": positive("logger.wandb.finish_timeout")}
 
 
 def log_checkpoints_offline(logger: WandbLogger, checkpoint_callback) -> None:
@@ -202,11 +232,38 @@ class RunLoggers:
         self.finish()
 
     def finish(self, exit_code: int = 0) -> None:
-        """End the W&B run, so that each run of a sweep ends before the next starts."""
-        if self.wandb:
-            import wandb
+        """End the W&B run, so that each run of a sweep ends before the next starts; waiting at most the W&B
+        logger's `finish_timeout` seconds for W&B's service, which can hang (a stuck wandb-core), after the run's
+        results are saved."""
+        if not self.wandb:
+            return
+        import threading
 
-            wandb.finish(exit_code=exit_code)
+        import wandb
+
+        timeout = getattr(self.wandb[0], "vaelab_finish_timeout", 60.0)
+        run_dir = wandb_run_dir(self.wandb[0]) if wandb.run is not None else None
+        ended = threading.Thread(target=wandb.finish, kwargs={"exit_code": exit_code}, daemon=True)
+        ended.start()
+        ended.join(timeout)
+        if ended.is_alive():
+            say(f"vaelab: W&B did not finish within {timeout:g} s (its service is not answering); the run's results "
+                f"are saved, and its W&B files are in {run_dir}: upload them later with wandb sync")
+            stop_wandb_service()
+
+
+def stop_wandb_service() -> None:
+    """Kill this process's wandb-core services, so that W&B's own exit handler does not wait on one that hangs."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if "wandb-core" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def finish_any_wandb_run(exit_code: int = 1) -> None:

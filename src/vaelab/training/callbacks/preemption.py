@@ -72,9 +72,8 @@ class Preemption(L.Callback):
 
         if self.signal_name is None:
             return None
-        handler = self._previous.get(getattr(signal, self.signal_name))
-        owner = getattr(handler, "__self__", None)
-        if owner is None or not type(owner).__module__.startswith("submitit"):
+        owner = _submitit_owner(self._previous.get(getattr(signal, self.signal_name)))
+        if owner is None:
             return None
         return lambda: owner.checkpoint_and_try_requeue(getattr(signal, self.signal_name))
 
@@ -108,6 +107,16 @@ class Preemption(L.Callback):
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous = {}
+
+
+def _submitit_owner(handler):
+    """submitit's signal-handling object behind `handler`, or None. Lightning wraps the SIGTERM handler it finds
+    (submitit's) together with its own in a _HandlersCompose, whose `signal_handlers` hold both."""
+    for candidate in getattr(handler, "signal_handlers", [handler]):
+        owner = getattr(candidate, "__self__", None)
+        if owner is not None and type(owner).__module__.startswith("submitit"):
+            return owner
+    return None
 
 
 class Preempted(SystemExit):
