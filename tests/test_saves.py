@@ -120,7 +120,7 @@ def test_sigkill_inside_saves_on_another_filesystem_never_strands_the_run(tmp_pa
     env = dict(app_env(), TMPDIR=str(tmpdir))
     rng = random.Random(0)
     kills = 0
-    for _ in range(5):
+    for _ in range(4):
         proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli.train", *args, "resume=auto"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
