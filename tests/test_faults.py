@@ -2,61 +2,12 @@
 and no secret written anywhere. Real processes and signals, no mocks."""
 
 import json
-import signal
 
 import pytest
 import torch
 from conftest import TINY, run_app
 
 from vaelab.training.checkpoints import load_checkpoint
-
-RESUMABLE = [*TINY, "data.subset=3000", "data.batch_size=50", "trainer.max_epochs=3", "trainer.deterministic=true",
-             "eval.importance_samples=16", "callbacks.image_grids.every_n_epochs=10"]
-
-
-_UNINTERRUPTED: dict = {}
-
-
-def uninterrupted(tmp_path_factory) -> dict:
-    """results.json of the run the preemption tests stop, run once without a stop (per test process)."""
-    if not _UNINTERRUPTED:
-        logs = tmp_path_factory.mktemp("whole")
-        whole = run_app(*RESUMABLE, f"paths.log_dir={logs}")
-        assert whole.returncode == 0, whole.stderr[-3000:]
-        (whole_dir,) = (logs / "train").iterdir()
-        _UNINTERRUPTED.update(json.loads((whole_dir / "results.json").read_text()))
-    return _UNINTERRUPTED
-
-
-# (signal, steps per execution, the step the run stops at): a signal during step 95 stops the run at the end
-# of that step, or of the execution holding it (steps 90..99 with 10 steps per execution). SIGUSR2, SIGTERM and
-# SIGINT, with KL warm-up active and 5 steps per execution, are in test_saves.py
-@pytest.mark.parametrize("signum,steps,stop", [(signal.SIGUSR1, 1, 96)])
-def test_preempted_run_resumes_to_the_same_result(tmp_path, tmp_path_factory, fashion_mnist, signum, steps, stop):
-    logs = tmp_path / "outputs"
-    kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=95",
-            f"+callbacks.kill.signum={int(signum)}", f"trainer.steps_per_execution={steps}"]
-    proc = run_app(*RESUMABLE, *kill, f"paths.log_dir={logs}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Run the same command with resume=auto to continue" in proc.stdout
-    (run_dir,) = (logs / "train").iterdir()
-    stopped = json.loads((run_dir / "results.json").read_text())
-    assert stopped["status"] == "preempted" and stopped["epoch"] == 1 and stopped["global_step"] == stop
-    assert stopped["signal"] == signal.Signals(signum).name
-    first_id = json.loads((run_dir / "run_state.json").read_text())["wandb_run_id"]
-
-    resumed = run_app(*RESUMABLE, *kill, f"paths.log_dir={logs}", "resume=auto")  # same command, + resume
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [p.name for p in (logs / "train").iterdir()] == [run_dir.name]  # the same run directory
-    res = json.loads((run_dir / "results.json").read_text())
-    assert res["status"] == "finished" and res["epochs"] == 3 and res["global_step"] == 180
-    assert res["preemptions"] == 1 and res["wandb"]["id"] == first_id
-
-    ref = uninterrupted(tmp_path_factory)  # the same with 1 or 10 steps per execution (test_steps_per_execution)
-    for key in ("val/loss", "test/nll", "test/elbo", "train/loss"):
-        assert res["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5), key
-    rows = (run_dir / "metrics.csv").read_text().splitlines()
-    assert sum(1 for r in rows[1:] if r.split(",")[rows[0].split(",").index("val/loss")]) == 3  # history kept
 
 
 @pytest.mark.parametrize("every", ["null", "5"])  # checked every step, or (as on a GPU) every 5 steps

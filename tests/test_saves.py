@@ -21,7 +21,7 @@ from vaelab.training.checkpoints import checkpoint_step, load_checkpoint
 
 # the default config's KL warm-up (10 epochs) is active all run long: beta must continue where it stopped
 WARM = [*TINY, "data.subset=3000", "trainer.max_epochs=3", "loss.warmup_epochs=10", "trainer.deterministic=true",
-        "eval.importance_samples=16", "callbacks.image_grids.every_n_epochs=10", "logger=csv"]
+        "eval.importance_samples=16", "callbacks.image_grids.every_n_epochs=10"]
 _WHOLE: dict = {}
 
 
@@ -29,7 +29,7 @@ def whole_run(tmp_path_factory) -> tuple[dict, list[dict]]:
     """results.json and metrics.csv rows of the uninterrupted run (once per test process)."""
     if not _WHOLE:
         run_dir = tmp_path_factory.mktemp("whole") / "run"
-        proc = run_app(*WARM, f"hydra.run.dir={run_dir}")
+        proc = run_app(*WARM, "logger=csv", f"hydra.run.dir={run_dir}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         _WHOLE.update(results=json.loads((run_dir / "results.json").read_text()), rows=epoch_rows(run_dir))
     return _WHOLE["results"], _WHOLE["rows"]
@@ -46,18 +46,29 @@ def epoch_rows(run_dir: Path) -> list[dict]:
     return [{"epoch": e, **values} for e, values in sorted(epochs.items())]
 
 
-@pytest.mark.parametrize("signum,step", [(signal.SIGUSR2, 25), (signal.SIGTERM, 95), (signal.SIGINT, 150)])
+# (signal, the step it comes at, optimiser steps per execution, loggers): the run stops at the end of the execution
+# holding that step; W&B runs in one case, to see the resumed run continue the same W&B run
+@pytest.mark.parametrize("signum,step,steps,logger", [(signal.SIGUSR2, 25, 5, "default"), (signal.SIGTERM, 95, 1, "csv"),
+                                                      (signal.SIGINT, 150, 10, "csv")])
 def test_a_run_stopped_mid_epoch_with_warmup_ends_where_the_whole_run_ends(tmp_path, tmp_path_factory,
-                                                                           fashion_mnist, signum, step):
-    run_dir = tmp_path / "run"
+                                                                           fashion_mnist, signum, step, steps, logger):
+    logs = tmp_path / "outputs"
     kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", f"+callbacks.kill.step={step}",
-            f"+callbacks.kill.signum={int(signum)}", "trainer.steps_per_execution=5"]
-    stopped = run_app(*WARM, *kill, f"hydra.run.dir={run_dir}")
+            f"+callbacks.kill.signum={int(signum)}", f"trainer.steps_per_execution={steps}", f"logger={logger}",
+            f"paths.log_dir={logs}"]
+    stopped = run_app(*WARM, *kill)
     assert stopped.returncode == 0 and "resume=auto" in stopped.stdout, stopped.stderr[-3000:]
-    assert json.loads((run_dir / "results.json").read_text())["status"] == "preempted"
-    resumed = run_app(*WARM, *kill, f"hydra.run.dir={run_dir}", "resume=auto")
+    (run_dir,) = (logs / "train").iterdir()
+    preempted = json.loads((run_dir / "results.json").read_text())
+    assert preempted["status"] == "preempted" and preempted["signal"] == signal.Signals(signum).name
+    assert preempted["global_step"] == (step // steps + 1) * steps  # the end of the execution holding the step
+    resumed = run_app(*WARM, *kill, "resume=auto")  # the same command: it finds the run directory
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [p.name for p in (logs / "train").iterdir()] == [run_dir.name]
     res = json.loads((run_dir / "results.json").read_text())
+    assert res["preemptions"] == 1
+    if logger == "default":  # the resumed run continues its W&B run
+        assert res["wandb"]["id"] == json.loads((run_dir / "run_state.json").read_text())["wandb_run_id"]
     ref, ref_rows = whole_run(tmp_path_factory)
     assert res["status"] == "finished" and res["global_step"] == ref["global_step"]
     assert res["metrics"].keys() == ref["metrics"].keys()
@@ -90,7 +101,7 @@ def test_a_signal_in_the_test_phase_is_a_preemption_and_resume_tests_without_tra
 
 def test_a_truncated_last_checkpoint_resumes_from_the_older_whole_one(tmp_path, fashion_mnist):
     run_dir = tmp_path / "run"
-    args = [*WARM, "trainer.max_epochs=2", "data.subset=1000", f"hydra.run.dir={run_dir}"]
+    args = [*WARM, "logger=csv", "trainer.max_epochs=2", "data.subset=1000", f"hydra.run.dir={run_dir}"]
     whole = run_app(*args[:-1], f"hydra.run.dir={tmp_path / 'whole'}")
     stop = run_app(*args, "+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=25",
                    f"+callbacks.kill.signum={int(signal.SIGTERM)}")
@@ -120,7 +131,7 @@ def test_sigkill_inside_saves_on_another_filesystem_never_strands_the_run(tmp_pa
     env = dict(app_env(), TMPDIR=str(tmpdir))
     rng = random.Random(0)
     kills = 0
-    for _ in range(4):
+    for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-m", "vaelab.cli.train", *args, "resume=auto"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
