@@ -108,14 +108,8 @@ class FreezeWandbAtTestEnd(L.Callback):
     """Freeze (SIGSTOP) this process's wandb-core service when the test phase ends: a hung W&B at exit."""
 
     def on_test_end(self, trainer, pl_module) -> None:
-        from pathlib import Path
+        from vaelab.training.loggers import wandb_service_pids
 
-        for proc in Path("/proc").iterdir():
-            try:
-                stat = (proc / "stat").read_text()
-            except (OSError, ValueError):
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if "wandb-core" in stat and int(fields[1]) == os.getpid():  # our child
-                os.kill(int(proc.name), signal.SIGSTOP)
-                print(f"fault_callbacks: froze wandb-core {proc.name}", flush=True)
+        for pid in wandb_service_pids():
+            os.kill(pid, signal.SIGSTOP)
+            print(f"fault_callbacks: froze wandb-core {pid}", flush=True)

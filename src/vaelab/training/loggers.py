@@ -252,18 +252,26 @@ class RunLoggers:
             stop_wandb_service()
 
 
-def stop_wandb_service() -> None:
-    """Kill this process's wandb-core services, so that W&B's own exit handler does not wait on one that hangs."""
-    import signal
-
+def wandb_service_pids() -> list[int]:
+    """The wandb-core service processes this process started (Linux /proc)."""
+    pids = []
     for proc in Path("/proc").iterdir():
         try:
             stat = (proc / "stat").read_text()
         except (OSError, ValueError):
             continue
         if "wandb-core" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-            with contextlib.suppress(OSError):
-                os.kill(int(proc.name), signal.SIGKILL)
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_wandb_service() -> None:
+    """Kill this process's wandb-core services, so that W&B's own exit handler does not wait on one that hangs."""
+    import signal
+
+    for pid in wandb_service_pids():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def finish_any_wandb_run(exit_code: int = 1) -> None:
