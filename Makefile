@@ -39,6 +39,7 @@ bench: data
 	$(BIN)/python scripts/benchmarks/eval_throughput.py
 	$(BIN)/python scripts/benchmarks/data_throughput.py
 	$(BIN)/python scripts/benchmarks/scaling.py
+	$(BIN)/python scripts/benchmarks/sweep_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts

@@ -113,3 +113,18 @@ class FreezeWandbAtTestEnd(L.Callback):
         for pid in wandb_service_pids():
             os.kill(pid, signal.SIGSTOP)
             print(f"fault_callbacks: froze wandb-core {pid}", flush=True)
+
+
+class SignalLauncherAt(L.Callback):
+    """In sweep job `job`: send `signum` to the launching process (the stacked launcher, this job's parent) when
+    training reaches `step`, as a cluster's stop signal to the whole job would arrive there."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM, job: int = 0) -> None:
+        self.step, self.signum, self.job = step, signum, job
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        steps = batch_counts(batch, execution_plan_of(trainer))[0]
+        if HydraConfig.get().job.num == self.job and trainer.global_step <= self.step < trainer.global_step + steps:
+            os.kill(os.getppid(), self.signum)

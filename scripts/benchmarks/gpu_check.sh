@@ -3,8 +3,10 @@
 # the eager and whole-step-graph bare loops, by precision and steps per execution; evaluation at K=5,000 on
 # the full test set; the default experiment with and without the fast path; several runs sharing one GPU).
 #
-#   bash scripts/benchmarks/gpu_check.sh [SECTION ...]     sections: tests train steps eval default sweep
-#                                                          (default: all, in that order)
+#   bash scripts/benchmarks/gpu_check.sh [SECTION ...]     sections: tests train steps eval default sweep stacked
+#                                                          (default: all, in that order), and converged
+#                                                          (experiment=converged, hours: call it again with
+#                                                          the same sweep dir until it reports, resume=auto)
 #
 # Runtime on an H200: tests 2 min, train 2 min, steps 1 min, eval 1 min, default 4 min, sweep 1 min.
 #
@@ -31,7 +33,7 @@ if [ -d .fmnist ] && [ ! -f "$VAELAB_DATA_DIR/FashionMNIST/raw/t10k-labels-idx1-
   mkdir -p "$VAELAB_DATA_DIR/FashionMNIST/raw"
   for f in .fmnist/*.gz; do gunzip -c "$f" > "$VAELAB_DATA_DIR/FashionMNIST/raw/$(basename "$f" .gz)"; done
 fi
-sections=${*:-tests train steps eval default sweep}
+sections=${*:-tests train steps eval default sweep stacked}
 has() { [[ " $sections " == *" $1 "* ]]; }
 say() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
 
@@ -110,6 +112,39 @@ print(f"{jobs} job(s): {len(runs)} finished; per-job images/s {[round(x) for x i
       f"sweep wall {end - start:.1f} s, {images / (end - start):,.0f} images/s over the whole sweep incl. start-up")
 EOF
   done
+fi
+if has stacked; then
+  say "stacked sweeps: aggregate images/s of N stacked members vs one after another (bare loops), N up to 64"
+  timeout 300 $PY scripts/benchmarks/sweep_throughput.py --no-app --ns 1,8,32,64 --steps 200 > "$LOGS/stacked_bare.log" 2>&1
+  tail -6 "$LOGS/stacked_bare.log"
+  say "stacked sweeps through the app: basic, joblib and stacked launchers, N = 8"
+  timeout 400 $PY scripts/benchmarks/sweep_throughput.py --ns 8 --steps 200 --subset 50000 > "$LOGS/stacked_app.log" 2>&1
+  tail -3 "$LOGS/stacked_app.log"
+  say "stacked members against their solo runs on the GPU: test NLL within 0.2 nats"
+  common="trainer=gpu logger=csv trainer.max_epochs=3 callbacks.image_grids.every_n_epochs=100 seed=1,2"
+  timeout 200 $PY -m vaelab.cli.train -m $common hydra.sweep.dir=/tmp/solo_gpu > "$LOGS/solo_gpu.log" 2>&1
+  timeout 200 $PY -m vaelab.cli.train -m hydra/launcher=stacked $common hydra.sweep.dir=/tmp/stacked_gpu \
+    > "$LOGS/stacked_gpu.log" 2>&1
+  $PY - <<'EOF'
+import json, pathlib
+def nll(d):
+    runs = [json.loads(p.read_text()) for p in pathlib.Path(d).glob("*/results.json")]
+    return {r["seed"]: r["metrics"].get("test/nll") for r in runs}
+solo, stacked = nll("/tmp/solo_gpu"), nll("/tmp/stacked_gpu")
+for seed in sorted(solo):
+    gap = abs(solo[seed] - stacked.get(seed, float("nan")))
+    print(f"seed {seed}: solo {solo[seed]:.3f}  stacked {stacked.get(seed)}  gap {gap:.3f} nats  "
+          f"{'ok' if gap <= 0.2 else 'OVER 0.2'}")
+EOF
+fi
+
+if has converged; then
+  say "experiment=converged (4 configurations x 3 seeds, stacked; resume=auto continues it at every call)"
+  start=$(date +%s)
+  timeout 540 $PY -m vaelab.cli.train -m experiment=converged trainer=gpu logger=csv resume=auto \
+    hydra.sweep.dir=${CONVERGED_DIR:-/tmp/converged} >> "$LOGS/converged.log" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s"
+  $PY -m vaelab.cli.report ${CONVERGED_DIR:-/tmp/converged} 2>&1 | tail -12
 fi
 tar czf "$OUT/gpu_check.tgz" -C "$LOGS" . 2>/dev/null
 say done

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vaelab.checks import one_of
@@ -26,3 +28,19 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity: a SLURM allocation, taskset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def job_share(job: int, parallel: int, cores: int, gpus: int) -> tuple[int | None, int]:
+    """A parallel sweep job's share of the machine: (its GPU, its torch threads). Job `job` of a sweep that runs
+    `parallel` jobs at once gets GPU job mod G when there are G GPUs (None without), and cores // parallel threads
+    (at least one), so that parallel jobs neither queue on the first GPU nor oversubscribe the cores."""
+    gpu = job % gpus if gpus > 0 else None
+    return gpu, max(1, cores // max(1, parallel))

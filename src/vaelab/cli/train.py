@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, spec, validate
 from vaelab.cli.guard import discard_if_stub
 from vaelab.cli.rundirs import RunState, finished, resume_from, save_json
+from vaelab.cli.sweeps import use_job_share
 from vaelab.console import say
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, VaelabError, run_or_explain
@@ -84,6 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def set_up(cfg: DictConfig, out_dir: Path):
     """Everything before training: seeds, the checkpoint to continue from, data, model, module, loggers, trainer."""
     L.seed_everything(cfg.seed, workers=True)
+    use_job_share(cfg)  # under hydra/launcher=joblib: this job's GPU (i mod G) and its share of the cores
     torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"),
                                                         str(cfg.trainer.get("accelerator", "auto"))))
     if rank_zero_only.rank == 0:
@@ -137,10 +139,22 @@ def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
         extra = {}
         if name == "wandb":
             extra = {"tags": [*(node.get("tags") or []), *cfg.get("tags", [])]}
+            if node.get("group") is None and (group := sweep_group()) is not None:
+                extra["group"] = group  # a sweep's runs are one W&B group, whichever launcher ran them
             if wandb_run_id:
                 extra["run_id"] = wandb_run_id  # continue the same W&B run
         loggers.append(build(node, **extra))
     return RunLoggers(loggers)
+
+
+def sweep_group() -> str | None:
+    """The W&B group of a multirun's jobs when run_group does not name one: sweep-<the sweep directory's name>."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
 
 
 def run_facts(model, trainer: L.Trainer) -> dict:
@@ -217,6 +231,8 @@ def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state:
         "test_time_s": round(test_time, 2),
         "preemptions": state.preemptions,
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(trainer.strategy.root_device),
+        "torch_threads": torch.get_num_threads(),
         "importance_samples": cfg.eval.importance_samples,
         "kl_estimator": model.kl_estimator,
         "best_checkpoint": checkpoints.best_model_path if checkpoints else None,

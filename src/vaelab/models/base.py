@@ -122,8 +122,21 @@ class VAEBase(nn.Module):
         """Sizes of the stochastic layers, layer 1 (nearest the data) first."""
         raise NotImplementedError
 
-    def elbo_terms(self, x: Tensor) -> ElboTerms:  # pragma: no cover - interface
+    def elbo_terms(self, x: Tensor, noise: Tensor | None = None) -> ElboTerms:  # pragma: no cover - interface
+        """-ELBO's per-example terms at one draw z ~ q(z|x). noise: the standard-normal draws [B, sum(latent_dims)]
+        to use (draw_noise's), instead of fresh ones from the default generator."""
         raise NotImplementedError
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> ElboTerms:
+        """vae(x) is vae.elbo_terms(x): the per-example reconstruction and KL terms of -ELBO."""
+        return self.elbo_terms(x, noise)
+
+    def draw_noise(self, batch: int, device: torch.device | str = "cpu") -> Tensor:
+        """The standard-normal draws elbo_terms makes for a batch, [batch, sum(latent_dims)], drawn from the default
+        generator in the order and shapes elbo_terms draws them (the top layer first): elbo_terms(x, draw_noise(B))
+        computes what elbo_terms(x) would have with the generator in the same state."""
+        draws = [torch.randn(batch, d, device=device) for d in reversed(self.latent_dims)]
+        return torch.cat(draws, -1)
 
     def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:  # pragma: no cover
         """[k, B]: log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x); the IWAE bound is their log-mean-exp.

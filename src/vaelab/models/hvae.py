@@ -119,8 +119,8 @@ class HierarchicalVAE(VAEBase):
             layers.append((z, mu, logvar))
         return layers[::-1], log_q_top
 
-    def elbo_terms(self, x: Tensor) -> ElboTerms:
-        layers, log_q_top = self._infer(x, None)
+    def elbo_terms(self, x: Tensor, noise: Tensor | None = None) -> ElboTerms:
+        layers, log_q_top = self._infer(x, None, noise)
         zs = [z for z, _, _ in layers]
         recon = -self.likelihood.log_prob(x, self.decoder(zs))  # [B]
         kls = []

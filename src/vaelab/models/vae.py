@@ -45,8 +45,8 @@ class VAE(VAEBase):
     def latent_dims(self) -> list[int]:
         return [self.latent_dim]
 
-    def elbo_terms(self, x: Tensor) -> ElboTerms:
-        z, q_mu, q_logvar, log_q = self._sample_posterior(self.encoder, x)  # z [B, D]
+    def elbo_terms(self, x: Tensor, noise: Tensor | None = None) -> ElboTerms:
+        z, q_mu, q_logvar, log_q = self._sample_posterior(self.encoder, x, eps=noise)  # z [B, D]
         recon = -self.likelihood.log_prob(x, self.decoder(z))  # [B]
         kl = self._kl_top(z, q_mu, q_logvar, log_q)  # [B]
         return ElboTerms(recon=recon, kl_layers=kl.unsqueeze(0))

@@ -3,6 +3,7 @@ the plain VAE rebuilt from one (load_model) without Hydra or the data set."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 from pathlib import Path
@@ -151,6 +152,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
+        checkpoint = compact(checkpoint)
         writer = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +169,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if saved != claimed:
             raise SaveError(f"{path} holds step {saved} after a save of step {claimed}: something else writes into "
                             f"{path.parent}; give the run a directory of its own and rerun with resume=auto")
+
+
+def compact(obj):
+    """The checkpoint with every tensor that views a larger storage copied out: torch.save writes a view's whole
+    storage, and a stacked sweep's member (training/stack_member.py) trains on views of the whole stack."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for key, value in obj.items():
+            out[key] = compact(value)
+        return out
+    if isinstance(obj, list):
+        return [compact(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(compact(v) for v in obj)
+    return obj
 
 
 class _Writes:

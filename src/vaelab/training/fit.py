@@ -25,7 +25,17 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: st
         if trainer.world_size > 1 and collective_failed(exc):
             raise lost_process(trainer) from None
         raise
+    finally:
+        leave_stack(module)
     return None
+
+
+def leave_stack(module) -> None:
+    """A member of a stacked sweep (training/stack_member.py) leaves its stack as soon as its training ends: done, early
+    stopped, diverged or preempted."""
+    leave = getattr(module, "leave_stack", None)
+    if leave is not None:
+        leave()
 
 
 def collective_failed(exc: BaseException) -> bool:

@@ -23,6 +23,7 @@ from vaelab.training.engine import CudaGraphEngine, StepEngine
 from vaelab.training.execution import plan_execution
 from vaelab.training.objective import Loss
 from vaelab.training.optim import Factory, as_spec, build_optimizer, optimizer_factory, scheduler_factory
+from vaelab.training.stack_member import StackedEngine, linked
 from vaelab.training.step_records import StepCurves
 
 log = logging.getLogger("vaelab")
@@ -220,6 +221,12 @@ class VAEModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.curves.flush(self.loggers, wait=True)
+        self.leave_stack()
+
+    def leave_stack(self) -> None:
+        """A member of a stacked sweep leaves its stack when its training ends, however it ends (fit.py)."""
+        if isinstance(self.engine, StackedEngine):
+            self.engine.detach()
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
         self.val_metrics.update(self.model, x)
@@ -278,6 +285,11 @@ class VAEModule(L.LightningModule):
         args = dict(model=self.model, optimizer=optimizer, loss=self.loss, backward=backward,
                     images=partial(step_images, plan=plan, gather=gather), clip=clip if clip_value else None,
                     check_every=self.check_every)
+        conn = linked()
+        if conn is not None:  # a member of a stacked sweep: the group's stack server runs the steps
+            engine = StackedEngine(**args, conn=conn, max_grad_norm=clip_value)
+            engine.attach(plan.steps if plan is not None else 1, self.trainer.datamodule.batch_size)
+            return engine
         if plan is not None and plan.indices_on is not None:
             return CudaGraphEngine(**args, shape=(plan.steps, self.trainer.datamodule.batch_size),
                                    on_fallback=lambda why: log.warning("cuda graphs: %s; training continues eagerly", why))

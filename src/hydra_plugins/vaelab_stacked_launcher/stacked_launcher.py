@@ -1,0 +1,27 @@
+"""Hydra's handle on vaelab's stacked launcher (Hydra takes launchers only from the hydra_plugins package); the
+launcher itself is vaelab.cli.sweeps. conf/hydra/launcher/stacked.yaml configures it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+class StackedLauncher(Launcher):
+    def __init__(self, stack: str | bool = "auto", max_members: int = 64) -> None:
+        self.stack, self.max_members = stack, max_members
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from vaelab.cli.sweeps import launch
+
+        return launch(self, job_overrides, initial_job_idx)

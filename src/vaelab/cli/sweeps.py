@@ -1,0 +1,286 @@
+"""How a sweep's jobs use the machine. Parallel jobs (hydra/launcher=joblib) each take their GPU and their share
+of the cores (use_job_share). And hydra/launcher=stacked: a multirun's jobs grouped by what fixes their tensor shapes and code, each group trained
+as one stacked model. Every member is still a run: its own process runs vaelab-train's whole task (Hydra's run_job:
+its run directory, .hydra/ with its own overrides, loggers, checkpoints, test phase, results.json); only its
+optimiser steps are run by the group's stack server, here, in the launching process (training/stack_server.py).
+
+Groups run one after another. A group of one, or any group when stacking is off (stack=false, or stack=auto on a
+CPU, where it does not pay: README, Sweeps), runs its jobs one after another in this process, as Hydra's basic
+launcher does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import cloudpickle
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vaelab.devices import cpu_cores, job_share
+from vaelab.errors import ConfigError
+
+log = logging.getLogger("vaelab")
+
+# The config that fixes a member's tensor shapes and code: jobs that agree on all of it train as one stack. Every
+# other key (seed, loss.*, optim.lr and weight_decay, trainer.max_epochs and max_steps, callbacks, loggers, eval,
+# scheduler, data.seed and data.subset, ...) may differ between the members of a stack.
+SHAPE_KEYS = ("model", "prior", "posterior", "likelihood", "data.name", "data.batch_size", "data.binarize",
+              "data.device", "optim._target_", "trainer.accelerator", "trainer.devices", "trainer.strategy",
+              "trainer.num_nodes", "trainer.precision", "trainer.steps_per_execution", "compile", "matmul_precision")
+STACKABLE_OPTIMIZERS = ("torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.AdamW", "torch.optim.adamw.AdamW",
+                        "vaelab.training.optim.AdamNormGrad")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass
+class Group:
+    jobs: list[int]
+    key: dict
+    alone: str | None = None  # why these jobs cannot be stacked, when they cannot
+
+
+def _select(cfg: DictConfig, dotted: str):
+    node = OmegaConf.select(cfg, dotted, throw_on_missing=False)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def shape_key(cfg: DictConfig) -> dict:
+    """The values of SHAPE_KEYS in this job's config."""
+    return {key: _select(cfg, key) for key in SHAPE_KEYS}
+
+
+def why_alone(cfg: DictConfig) -> str | None:
+    """Why a job cannot be a member of a stack, or None when it can."""
+    trainer = cfg.trainer
+    if str(trainer.get("devices", 1)) not in ("1", "auto") or int(trainer.get("num_nodes", 1)) != 1:
+        return "a multi-device job (DDP) trains alone"
+    if str(trainer.get("precision", "32-true")) not in ("32", "32-true"):
+        return f"trainer.precision={trainer.precision} is not stacked (float32 only)"
+    if cfg.get("compile"):
+        return "compile=true is not stacked"
+    target = str(cfg.optim.get("_target_", ""))
+    if target not in STACKABLE_OPTIMIZERS or cfg.optim.get("amsgrad") or cfg.optim.get("maximize"):
+        return f"optim._target_={target} is not stacked (Adam, AdamW and AdamNormGrad are)"
+    return None
+
+
+def group_jobs(configs: list[DictConfig]) -> tuple[list[Group], list[str]]:
+    """The jobs, grouped by shape key in order of first appearance; and a line for each key that split them."""
+    groups: list[Group] = []
+    for j, cfg in enumerate(configs):
+        key, alone = shape_key(cfg), why_alone(cfg)
+        match = next((g for g in groups if g.key == key and g.alone is None and alone is None), None)
+        if match is None:
+            groups.append(Group([j], key, alone))
+        else:
+            match.jobs.append(j)
+    notes = []
+    if len(groups) > 1:
+        for key in SHAPE_KEYS:
+            seen = []
+            for g in groups:
+                value = json.dumps(g.key[key], sort_keys=True, default=str)
+                if value not in seen:
+                    seen.append(value)
+            if len(seen) > 1:
+                shown = ", ".join(v if len(v) < 40 else v[:37] + "..." for v in seen)
+                notes.append(f"stacked launcher: {key} differs between jobs ({shown}): one stack for each value")
+    for g in groups:
+        if g.alone:
+            notes.append(f"stacked launcher: job {', '.join(map(str, g.jobs))} runs alone: {g.alone}")
+    return groups, notes
+
+
+def split(jobs: list[int], most: int) -> list[list[int]]:
+    """A group cut into stacks of at most `most` members, as even as possible."""
+    parts = max(1, math.ceil(len(jobs) / most))
+    sizes = [len(jobs) // parts + (i < len(jobs) % parts) for i in range(parts)]
+    return [jobs[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(parts)]
+
+
+def stack_device(cfg: DictConfig) -> str:
+    """Where a stack of these jobs trains: their trainer's accelerator."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def stacking_on(setting, device: str) -> bool:
+    """stack: true | false | auto (auto: on a GPU; on a CPU the members run one after another, which measured
+    as fast: README, Sweeps)."""
+    if setting in (True, "true"):
+        return True
+    if setting in (False, "false"):
+        return False
+    if setting != "auto":
+        raise ConfigError(f"hydra.launcher.stack={setting!r} is not one of auto, true, false")
+    return device == "cuda"
+
+
+def parallel_jobs() -> int:
+    """How many jobs of this process's sweep run at once: hydra/launcher=joblib's n_jobs (-1: one per core), else
+    1 (Hydra's basic launcher runs one after another; the stacked launcher sets its members' threads itself)."""
+    if not HydraConfig.initialized():
+        return 1
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or "Joblib" not in str(hydra_cfg.launcher.get("_target_", "")):
+        return 1
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs") or -1)
+    return cpu_cores() if n_jobs < 0 else n_jobs
+
+
+def use_job_share(cfg) -> None:
+    """Under hydra/launcher=joblib: give this job its GPU (trainer.devices=[i mod G], for a one-device job whose
+    devices the command line did not name) and its share of the cores as torch threads."""
+    parallel = parallel_jobs()
+    if parallel <= 1:
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpus = torch.cuda.device_count() if on_gpu else 0
+    gpu, threads = job_share(int(HydraConfig.get().job.num), parallel, cpu_cores(), gpus)
+    torch.set_num_threads(threads)
+    if gpu is not None and str(cfg.trainer.get("devices", 1)) == "1":
+        with open_dict(cfg):
+            cfg.trainer.devices = [gpu]
+
+
+def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    configs = []
+    for j, overrides in enumerate(job_overrides):
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id = f"{cfg.hydra.job.name}_{initial_job_idx + j}"
+            cfg.hydra.job.num = initial_job_idx + j
+        configs.append(cfg)
+    groups, notes = group_jobs(configs)
+    for note in notes:
+        log.info(note)
+    returns: list[JobReturn | None] = [None] * len(configs)
+    for g in groups:
+        device = stack_device(configs[g.jobs[0]])
+        stacked = g.alone is None and len(g.jobs) > 1 and stacking_on(launcher.stack, device)
+        if not stacked:
+            if g.alone is None and len(g.jobs) > 1:
+                log.info("stacked launcher: %d jobs on %s run one after another (hydra.launcher.stack=%s)",
+                         len(g.jobs), device, launcher.stack)
+            for j in g.jobs:
+                log.info("\t#%d : %s", initial_job_idx + j, " ".join(filter_overrides(job_overrides[j])))
+                returns[j] = run_here(launcher, configs[j])
+            continue
+        for part in split(g.jobs, int(launcher.max_members)):
+            log.info("stacked launcher: %d jobs as one stacked model on %s:", len(part), device)
+            for j in part:
+                log.info("\t#%d : %s", initial_job_idx + j, " ".join(filter_overrides(job_overrides[j])))
+            for j, ret in zip(part, run_stack(launcher, [configs[j] for j in part], device)):
+                returns[j] = ret
+    return returns
+
+
+def run_here(launcher, cfg: DictConfig) -> JobReturn:
+    HydraConfig.instance().set_config(cfg)
+    return run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function, config=cfg,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+
+def run_stack(launcher, configs: list[DictConfig], device: str) -> list[JobReturn]:
+    """The members' processes, and this process as their stack server, until every member has ended."""
+    from vaelab.training.stack_server import StackServer
+
+    ctx = mp.get_context("spawn")
+    task = launcher.task_function
+    task_ref = (task.__module__, task.__qualname__)
+    threads = max(1, cpu_cores() // len(configs))  # a member's own work (validation, test) runs side by side
+    state = Singleton.get_state()
+    conns, procs = [], []
+    for cfg in configs:
+        here, there = ctx.Pipe()
+        # cloudpickle, as joblib's launcher: Hydra's state holds OmegaConf's resolvers, which are local functions
+        job = cloudpickle.dumps((launcher.hydra_context, cfg, task_ref, state, threads))
+        proc = ctx.Process(target=member_main, args=(there, job), name=f"vaelab-member-{cfg.hydra.job.num}")
+        proc.start()
+        there.close()
+        conns.append(here)
+        procs.append(proc)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def forward(signum, frame):  # every member saves its own checkpoint; the server serves until they have left
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
+    torch.set_num_threads(cpu_cores())
+    exits: dict[int, object] = {}
+    try:
+        results = StackServer(conns, device, on_message=lambda i, m: exits.update({i: m[1]})).serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for proc in procs:
+            proc.join()
+    if exits:  # as vaelab-train alone: stopped by a signal, each stopped member's checkpoint saved, exit 0
+        log.info("stacked launcher: %d of %d members stopped by a signal and saved their checkpoints; run the same "
+                 "command with resume=auto to continue them", len(exits), len(configs))
+        raise SystemExit(0)
+    returns = []
+    for cfg, proc, ret in zip(configs, procs, results):
+        if ret is None:  # the member's process died before it could say how its job ended
+            ret = JobReturn(overrides=list(cfg.hydra.overrides.task), cfg=cfg, hydra_cfg=None,
+                            working_dir=str(cfg.hydra.sweep.dir), task_name=cfg.hydra.job.name,
+                            status=JobStatus.FAILED)
+            ret._return_value = RuntimeError(f"stacked sweep member {cfg.hydra.job.num} ended with exit code "
+                                             f"{proc.exitcode} before its job finished")
+        returns.append(ret)
+    return returns
+
+
+def member_main(conn, job: bytes) -> None:
+    """A member's process: Hydra's run_job of the vaelab-train task, with this process joined to the stack."""
+    from vaelab.training import stack_member as member
+
+    hydra_context, cfg, task_ref, singleton_state, threads = cloudpickle.loads(job)
+    os.setsid()  # out of the terminal's process group: a Ctrl-C reaches the launcher, which forwards it once
+    torch.set_num_threads(threads)
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    HydraConfig.instance().set_config(cfg)
+    module, name = task_ref
+    task = getattr(importlib.import_module(module), name)
+    task = getattr(task, "__wrapped__", task)  # hydra.main's wrapper: the task function itself
+    member.join(conn)
+    try:
+        ret = run_job(hydra_context=hydra_context, task_function=task, config=cfg, job_dir_key="hydra.sweep.dir",
+                      job_subdir_key="hydra.sweep.subdir")
+    except SystemExit as stop:  # vaelab-train's way out after a stop signal: the run saved its checkpoint
+        conn.send(("exit", stop.code))
+        conn.close()
+        raise
+    try:
+        conn.send(("result", ret))
+    except Exception:  # noqa: BLE001 - an unpicklable return value: say how the job ended without it
+        status = JobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=None, working_dir=ret.working_dir,
+                           task_name=ret.task_name, status=ret.status)
+        status._return_value = ret._return_value if ret.status == JobStatus.COMPLETED else RuntimeError(
+            str(ret._return_value))
+        conn.send(("result", status))
+    conn.close()

@@ -1,0 +1,271 @@
+"""hydra/launcher=stacked: a sweep's jobs trained as one stacked model are the same runs as the jobs trained alone
+(every metric of results.json, to 1e-4 relative), in ordinary run directories whose checkpoints load as solo ones;
+a stop signal to the launcher saves every member and resume=auto ends where the uninterrupted runs end; a member
+that diverges is recorded as such while the others go on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import wandb_files
+from conftest import TINY, compose, run_app
+
+from vaelab.cli.sweeps import group_jobs, split
+
+SWEEP = ["seed=1,2", "loss.beta=1,0.5"]  # four members: two seeds x two KL weights
+COMMON = [*TINY, "extras.print_config=false"]
+STACKED = ["hydra/launcher=stacked", "hydra.launcher.stack=true"]
+
+
+def sweep(tmp: Path, *args: str, name: str = "sweep"):
+    proc = run_app("-m", *COMMON, f"hydra.sweep.dir={tmp / name}", *args, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp / name, proc
+
+
+def members(sweep_dir: Path) -> dict[tuple, dict]:
+    """results.json of every job, keyed by (seed, beta) as its own .hydra/config.yaml says."""
+    import yaml
+
+    out = {}
+    for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
+        cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        out[(cfg["seed"], cfg["loss"]["beta"])] = json.loads((job / "results.json").read_text())
+    return out
+
+
+def assert_same_runs(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        a, b = got[key], want[key]
+        assert a["status"] == b["status"] == "finished", key
+        assert (a["epochs"], a["global_step"]) == (b["epochs"], b["global_step"])
+        figures = [k for k in b["metrics"] if not k.startswith("perf/")]
+        assert figures and set(figures) <= set(a["metrics"])
+        for k in figures:
+            assert math.isclose(a["metrics"][k], b["metrics"][k], rel_tol=1e-4, abs_tol=1e-6), (key, k, a["metrics"][k],
+                                                                                                b["metrics"][k])
+
+
+def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashion_mnist):
+    solo, _ = sweep(tmp_path, *SWEEP, name="solo")  # Hydra's basic launcher: one job after another
+    stacked, proc = sweep(tmp_path, *STACKED, *SWEEP, name="stacked")
+    assert "4 jobs as one stacked model on cpu" in proc.stdout + proc.stderr
+    want = members(solo)
+    assert len(want) == 4
+    assert_same_runs(members(stacked), want)
+
+    # vaelab-report cannot tell the stacked sweep from the one run job after job
+    tables = []
+    for d in (solo, stacked):
+        rep = run_app(str(d), module="vaelab.cli.report")
+        assert rep.returncode == 0, rep.stderr[-2000:]
+        rows = list(csv.DictReader((d / "report.csv").open()))
+        tables.append({r["configuration"]: {k: v for k, v in r.items() if "time" not in k} for r in rows})
+    assert len(tables[0]) == 2 and tables[0].keys() == tables[1].keys()  # two betas, each over two seeds
+    for config, row in tables[0].items():
+        for key, value in row.items():
+            other = tables[1][config][key]
+            try:
+                assert math.isclose(float(value), float(other), rel_tol=1e-4, abs_tol=1e-6), (config, key)
+            except ValueError:
+                assert value == other, (config, key)
+
+    # each member is an ordinary run directory; its checkpoint is its own and evaluates as a solo run's does
+    key, results = next(iter(members(stacked).items()))
+    job = Path(results["run_dir"])
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/last.ckpt", "metrics.csv", "train.log",
+                 "samples/samples_final.png"):
+        assert (job / name).is_file(), name
+    runs = {}
+    for member_dir in (Path(r["run_dir"]) for r in members(stacked).values()):  # one W&B run each, in one group
+        (wandb_dir,) = (member_dir / "wandb").glob("offline-run-*")
+        runs[wandb_files.run_info(wandb_dir)["id"]] = wandb_files.run_info(wandb_dir)["group"]
+    assert len(runs) == 4 and set(runs.values()) == {"sweep-stacked"}
+    overrides = (job / ".hydra" / "overrides.yaml").read_text()
+    assert f"seed={key[0]}" in overrides and "loss.beta=" in overrides and "hydra/launcher" not in overrides
+    best = Path(results["best_checkpoint"])
+    assert best.stat().st_size == Path(want[key]["best_checkpoint"]).stat().st_size  # one member's, not the stack
+    out = tmp_path / "eval.json"
+    ev = run_app(f"ckpt_path={best}", "importance_samples=32", "batch_size=200", f"output={out}",
+                 module="vaelab.cli.eval")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    evaluated = json.loads(out.read_text())["metrics"]["test/nll"]
+    assert math.isclose(evaluated, results["metrics"]["test/nll"], rel_tol=1e-5)
+
+    # a stop signal to the launcher reaches every member (two here: seeds 1 and 2 at beta 0.5), each saves inside an
+    # epoch (2 steps per execution; the solo runs took 8, which trains the same runs); resume=auto continues them
+    stop = ["seed=1,2", "loss.beta=0.5", "trainer.steps_per_execution=2",
+            "+callbacks.stop._target_=fault_callbacks.SignalLauncherAt"]
+    stopped, proc = sweep(tmp_path, *STACKED, *stop, "+callbacks.stop.step=5", name="stopped")
+    said = proc.stdout + proc.stderr
+    assert "stopped by SIGTERM" in said and "resume=auto" in said
+    states = [json.loads(p.read_text()) for p in stopped.glob("*/results.json")]
+    assert [r["status"] for r in states] == ["preempted"] * 2
+    assert all(0 < r["global_step"] < 16 for r in states), states
+    resumed, _ = sweep(tmp_path, *STACKED, *stop, "+callbacks.stop.step=100000", "resume=auto", name="stopped")
+    assert_same_runs(members(resumed), {k: v for k, v in want.items() if k[1] == 0.5})
+
+
+def test_a_diverging_member_is_recorded_and_the_others_go_on(tmp_path, fashion_mnist):
+    poison = ["+callbacks.poison._target_=fault_callbacks.PoisonBatch", "+callbacks.poison.step=3,100000"]
+    stacked, _ = sweep(tmp_path, *STACKED, "trainer.max_epochs=1", *poison)
+    results = [json.loads(p.read_text()) for p in sorted(stacked.glob("*/results.json"))]
+    assert [r["status"] for r in results] == ["failed", "finished"]
+    assert "not finite" in results[0]["error"] or "NaN" in results[0]["error"]
+    assert math.isfinite(results[1]["metrics"]["test/nll"])
+
+
+def test_jobs_group_by_the_keys_that_fix_shapes_and_code():
+    configs = [compose(f"seed={s}", f"loss.beta={b}", f"optim.lr={lr}") for s, b, lr in
+               [(1, 1.0, 5e-4), (2, 0.5, 1e-3), (3, 1.0, 5e-4)]]
+    groups, notes = group_jobs(configs)
+    assert [g.jobs for g in groups] == [[0, 1, 2]] and notes == []
+
+    configs += [compose("model.latent_dim=20"), compose("optim._target_=torch.optim.SGD", "~optim.fused"),
+                compose("model=deep", "prior=vamp")]
+    groups, notes = group_jobs(configs)
+    assert [g.jobs for g in groups] == [[0, 1, 2], [3], [4], [5]]
+    assert groups[2].alone and "SGD" in groups[2].alone
+    said = "\n".join(notes)
+    assert "model differs" in said and "prior differs" in said and "job 4 runs alone" in said
+    assert split(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def test_each_parallel_job_gets_its_gpu_and_its_share_of_the_cores(monkeypatch):
+    """hydra/launcher=joblib: job i gets GPU i mod G and cores // n_jobs torch threads (here with 4 GPUs as torch
+    reports them; the job's config is what Hydra composes for job 5 of the sweep)."""
+    import torch
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from vaelab.cli.sweeps import use_job_share
+    from vaelab.devices import cpu_cores, job_share
+
+    assert job_share(5, parallel=4, cores=16, gpus=4) == (1, 4)
+    assert job_share(2, parallel=3, cores=2, gpus=0) == (None, 1)
+    assert job_share(0, parallel=1, cores=8, gpus=2) == (0, 8)
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                            return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.num = 5
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    threads = torch.get_num_threads()
+    try:
+        use_job_share(cfg)
+        assert list(cfg.trainer.devices) == [1]
+        assert torch.get_num_threads() == max(1, cpu_cores() // 2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_joblib_jobs_on_a_cpu_do_not_oversubscribe_it(tmp_path, fashion_mnist):
+    """A real joblib sweep of two jobs at once: each job's results.json says it ran on the CPU with half the cores."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, app_env
+
+    from vaelab.devices import cpu_cores
+
+    env = app_env()
+    env.pop("OMP_NUM_THREADS", None)  # torch's own default: every core, which two jobs at once would oversubscribe
+    proc = subprocess.run([sys.executable, "-m", "vaelab.cli.train", "-m", *COMMON, "hydra/launcher=joblib",
+                           "hydra.launcher.n_jobs=2", "trainer.max_epochs=1", "test=false", "logger=csv",
+                           "seed=1,2", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["device"] == "cpu" and run["torch_threads"] == max(1, cpu_cores() // 2), run
+    assert os.cpu_count()
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "adam_normgrad"])
+def test_a_stacked_step_is_each_members_solo_step(kind):
+    """Three members with their own learning rate, weight decay, gradient clipping and free bits: five stacked steps
+    give each member's objectives of five solo steps with torch's fused optimiser, and the same weights (but for the
+    few whose gradient is at rounding level, where Adam's first steps move by +-lr either way)."""
+    import functools
+
+    import torch
+
+    from vaelab.models.hvae import HierarchicalVAE
+    from vaelab.models.priors import VampPrior
+    from vaelab.training.objective import Loss
+    from vaelab.training.optim import AdamNormGrad
+    from vaelab.training.stack import Stack, hyper_row
+
+    def make():
+        return HierarchicalVAE((1, 12, 12), latent_dim=4, hidden_dim=32, prior=functools.partial(VampPrior,
+                                                                                                  num_components=5))
+
+    members = []
+    for i in range(3):
+        torch.manual_seed(i)
+        members.append(make())
+    stack = Stack(members[0], 3, kind)
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            for name, p in m.named_parameters():
+                stack.params[name][i].copy_(p)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adam_normgrad": AdamNormGrad}[kind]
+    opts = [cls(m.parameters(), lr=1e-3 * (i + 1), weight_decay=0.01 * i, fused=True) for i, m in enumerate(members)]
+    clips, losses = [None, 5.0, 0.5], [Loss(free_bits=fb) for fb in (0.0, 0.5, 0.0)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.rand(3, 16, 1, 12, 12, generator=gen).bernoulli(generator=gen)
+        noise = torch.randn(3, 16, 8, generator=gen)
+        weight = torch.tensor([0.5, 1.0, 0.2])
+        solo = []
+        for i, m in enumerate(members):
+            objective = losses[i](m(x[i], noise[i]), float(weight[i]))
+            opts[i].zero_grad()
+            objective.backward()
+            if clips[i]:
+                torch.nn.utils.clip_grad_norm_(list(m.parameters()), clips[i], foreach=True)
+            opts[i].step()
+            solo.append(objective.item())
+        hyper = torch.tensor([hyper_row(o.param_groups[0], kind, c, loss.free_bits)
+                              for o, c, loss in zip(opts, clips, losses)])
+        got = stack.train_step(x, noise, weight, hyper, [0, 1, 2])[:, -1].tolist()
+        assert got == pytest.approx(solo, rel=1e-5)
+    for i, m in enumerate(members):
+        diffs = torch.cat([(stack.params[n][i] - p.detach()).abs().flatten() for n, p in m.named_parameters()])
+        assert diffs.median() < 1e-6 and (diffs > 1e-5).float().mean() < 0.01, (i, diffs.median(), diffs.max())
+
+
+def test_members_left_out_or_diverged_keep_their_weights():
+    import torch
+
+    from vaelab.models.vae import VAE
+    from vaelab.training.stack import Stack, hyper_row
+
+    torch.manual_seed(0)
+    stack = Stack(VAE((1, 8, 8), latent_dim=2, hidden_dim=16), 3, "adam")
+    with torch.no_grad():
+        for value in stack.params.values():
+            value.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in stack.params.items()}
+    x = torch.rand(3, 4, 1, 8, 8).bernoulli()
+    x[1, 0, 0, 0, 0] = float("nan")  # member 1's batch is poisoned; member 2 takes no step
+    hyper = torch.tensor([hyper_row({"lr": 1e-2}, "adam", None, 0.0)] * 3)
+    stack.train_step(x, torch.randn(3, 4, 2), torch.ones(3), hyper, [0, 1])
+    for name, value in stack.params.items():
+        assert torch.equal(value[1], before[name][1]) and torch.equal(value[2], before[name][2]), name
+    assert any(not torch.equal(v[0], before[n][0]) for n, v in stack.params.items())
+    assert stack.step.tolist() == [1.0, 0.0, 0.0]
