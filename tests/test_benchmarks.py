@@ -13,6 +13,7 @@ SMALL = {
     "eval_throughput": ["--k", "20", "--images", "4"],
     "data_throughput": ["--batches", "5"],
     "scaling": ["--steps", "1"],
+    "sweep_throughput": ["--ns", "1,2", "--steps", "2", "--no-app"],
 }
 
 

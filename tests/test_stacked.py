@@ -60,10 +60,11 @@ def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashio
     assert_same_runs(members(stacked), want)
 
     # vaelab-report cannot tell the stacked sweep from the one run job after job
+    from vaelab.cli.report import report
+
     tables = []
     for d in (solo, stacked):
-        rep = run_app(str(d), module="vaelab.cli.report")
-        assert rep.returncode == 0, rep.stderr[-2000:]
+        report(str(d), False, "vaelab")  # the app's own function, in this process
         rows = list(csv.DictReader((d / "report.csv").open()))
         tables.append({r["configuration"]: {k: v for k, v in r.items() if "time" not in k} for r in rows})
     assert len(tables[0]) == 2 and tables[0].keys() == tables[1].keys()  # two betas, each over two seeds
@@ -90,11 +91,15 @@ def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashio
     assert f"seed={key[0]}" in overrides and "loss.beta=" in overrides and "hydra/launcher" not in overrides
     best = Path(results["best_checkpoint"])
     assert best.stat().st_size == Path(want[key]["best_checkpoint"]).stat().st_size  # one member's, not the stack
-    out = tmp_path / "eval.json"
-    ev = run_app(f"ckpt_path={best}", "importance_samples=32", "batch_size=200", f"output={out}",
-                 module="vaelab.cli.eval")
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    evaluated = json.loads(out.read_text())["metrics"]["test/nll"]
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from vaelab.cli.eval import run as evaluate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = hydra_compose("eval", overrides=[f"ckpt_path={best}", "importance_samples=32", "batch_size=200",
+                                               f"output={tmp_path / 'eval.json'}", f"data_root={fashion_mnist}"])
+    evaluated = evaluate(cfg)["metrics"]["test/nll"]  # vaelab-eval's own function, in this process
     assert math.isclose(evaluated, results["metrics"]["test/nll"], rel_tol=1e-5)
 
     # a stop signal to the launcher reaches every member (two here: seeds 1 and 2 at beta 0.5), each saves inside an

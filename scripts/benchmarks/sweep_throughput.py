@@ -14,7 +14,7 @@ included (test=false: training only); the bare rows time the optimiser steps alo
     python scripts/benchmarks/sweep_throughput.py [--ns 1,2,4,8] [--steps 100] [--no-app]
 
 It prints a table with the ratios to one-after-another and to the stacked ceiling, and writes
-outputs/benchmarks/sweep_throughput.json.
+outputs/benchmarks/sweep_throughput.json (VAELAB_BENCH_DIR: elsewhere).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import DATA, save, sync  # noqa: E402
+
 from vaelab.data import load_images  # noqa: E402
 from vaelab.data.loader import bernoulli_draw  # noqa: E402
 from vaelab.models.vae import VAE  # noqa: E402
@@ -43,14 +45,8 @@ BATCH = 100
 
 
 def images(device) -> torch.Tensor:
-    root = os.environ.get("VAELAB_DATA_DIR", str(ROOT / "data"))
-    train, _ = load_images("fashion_mnist", root, download=False)
+    train, _ = load_images("fashion_mnist", DATA, download=False)
     return torch.from_numpy(train[:50_000]).to(device)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_sequential(data, n: int, steps: int, device) -> float:
@@ -120,7 +116,8 @@ def app(launcher: list[str], n: int, subset: int, device: str) -> float:
                 f"data.subset={subset}", "trainer.max_epochs=1", "test=false", "logger=csv", "extras.print_config=false",
                 "trainer.enable_progress_bar=false", "callbacks.image_grids.every_n_epochs=100",
                 f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}"]
-        env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, WANDB_MODE="disabled", VAELAB_DATA_DIR=str(DATA),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         t0 = time.perf_counter()
         proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -164,10 +161,7 @@ def main() -> None:
                     f" {row['app_stacked'] / row['app_basic']:>13.2f} {row['app_stacked'] / row['bare_stacked']:>15.2f}"
         print(line, flush=True)
         rows.append(row)
-    out = ROOT / "outputs" / "benchmarks" / "sweep_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": card, "torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"written to {out}")
+    save("sweep_throughput", {"device": card, "steps": args.steps, "subset": args.subset, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The library, without Hydra:
 
-    from vaelab import VAE, VampPrior, Bernoulli, VAEModule, ImageDataModule, load_model
+    from vaelab import VAE, VampPrior, Bernoulli, VAEModule, ImageDataModule, load_model, embed, interpolate
 
 The names load on first use, so `import vaelab` stays light."""
 
@@ -15,6 +15,8 @@ _EXPORTS = {
     "VampPrior": "vaelab.models", "Bernoulli": "vaelab.models", "Gaussian": "vaelab.models",
     "VAEModule": "vaelab.training.module", "ImageDataModule": "vaelab.data", "load_model": "vaelab.training.checkpoints",
     "EvalMetrics": "vaelab.evaluation.metrics", "evaluate": "vaelab.evaluation.metrics",
+    "embed": "vaelab.evaluation.latents", "interpolate": "vaelab.evaluation.latents",
+    "ElboTerms": "vaelab.models.base",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

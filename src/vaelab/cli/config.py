@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.checks import Arg
+from vaelab.checks import Arg, one_of
 from vaelab.cli.rundirs import RESUME
 from vaelab.data import SOURCES
 from vaelab.devices import MATMUL_PRECISION
@@ -29,7 +29,8 @@ CONF_DIR = str(Path(__file__).parent.parent / "conf")
 _ABSENT = "__absent__"
 
 # vaelab-train's own keys; the others belong to the objects the config builds, which declare them as ARGS
-TRAIN_ARGS = [Arg("seed", "int", 0), Arg("trainer.max_epochs", "int", 1, nullable=True), MATMUL_PRECISION, RESUME]
+TRAIN_ARGS = [Arg("seed", "int", 0), Arg("trainer.max_epochs", "int", 1, nullable=True), MATMUL_PRECISION, RESUME,
+              one_of("train", True, False), one_of("test", True, False)]
 
 
 def target_args(node) -> dict[str, Arg]:

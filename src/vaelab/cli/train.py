@@ -49,6 +49,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("extras", {}).get("print_config") and rank_zero_only.rank == 0:
         print_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    if not cfg.get("train", True):
+        return test_only(cfg, out_dir)
     if cfg.get("resume") == "auto" and finished(out_dir):  # a resumed sweep: this job is done already
         say(f"vaelab: {out_dir} has finished already; not trained again.")
         return json.loads((out_dir / "results.json").read_text())
@@ -77,6 +79,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_json(out_dir / "results.json", results)
         loggers.log_results({**{k: results[k] for k in ("model", "prior", "posterior", "likelihood", "data", "seed")},
                              **{k: v for k, v in metrics.items() if k.startswith("test/")}})
+        print_summary(results, out_dir, wandb_dir)
+    loggers.finish()
+    return results
+
+
+def test_only(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """train=false: test ckpt_path's weights as the run's own test phase would, and write results.json."""
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("train=false tests a checkpoint and trains nothing: give it ckpt_path=<a checkpoint>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state, ckpt_path, datamodule, model, module, loggers, trainer = set_up(cfg, out_dir)
+    except VaelabError:
+        discard_if_stub(out_dir)
+        raise
+    t0 = time.perf_counter()
+    try:
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
+    except Preempted as stop:
+        return preempted(stop, trainer, loggers, state, out_dir)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    results = results_of(cfg, trainer, model, metrics, state, time.perf_counter() - t0, out_dir)
+    results.update(trained=False, tested_checkpoint=str(ckpt_path), best_checkpoint=None)
+    if trainer.is_global_zero:
+        results["wandb"], wandb_dir = loggers.results(None)
+        if results["wandb"] is None:
+            del results["wandb"]
+        save_json(out_dir / "results.json", results)
         print_summary(results, out_dir, wandb_dir)
     loggers.finish()
     return results

@@ -69,6 +69,15 @@ def renamed_lower_posteriors(state_dict: dict, prefix: str = "", *args) -> dict:
 
 
 class HierarchicalVAE(VAEBase):
+    """The deep VAE: L stochastic layers (the two-level HVAE of Tomczak & Welling's VampPrior paper, for any L).
+    q(z_L|x) and q(z_l|z_l+1, x) top-down, conditional priors p(z_l|z_l+1) below the top, the prior p(z_L) on top,
+    and p(x|z_1, ..., z_L).
+
+    image_shape: [C, H, W]. latent_dim: size of each layer. num_layers: L. hidden_dim, num_hidden, network: as for
+    VAE. likelihood, prior, posterior: as for VAE (the prior and a flow posterior act on the top layer).
+
+    vae(x) returns the ELBO's terms (ElboTerms, one KL per layer, layer 1 nearest the data first)."""
+
     ARGS = {**VAEBase.ARGS, "num_layers": positive_int("model.num_layers")}
 
     def __init__(

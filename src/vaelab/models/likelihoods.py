@@ -42,7 +42,10 @@ class Likelihood(nn.Module):
 
 
 class Bernoulli(Likelihood):
-    """Bernoulli pixels with logits from the decoder; -log p(x|z) is the summed binary cross-entropy."""
+    """Bernoulli pixels with logits from the decoder; -log p(x|z) is the summed binary cross-entropy. No arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         x = x.expand_as(params)

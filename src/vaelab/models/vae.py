@@ -14,6 +14,19 @@ from vaelab.models.spec import constructor_args
 
 
 class VAE(VAEBase):
+    """The vanilla VAE: one Gaussian latent layer q(z|x) = N(mu(x), sigma(x)^2), a prior p(z) and a likelihood p(x|z).
+
+    image_shape: [C, H, W] of the images. latent_dim: size of z. hidden_dim, num_hidden: width and depth of the
+    encoder's and decoder's gated MLPs (or of the conv stack's dense part). network: "mlp" | "conv".
+    likelihood: a Likelihood (default Bernoulli()). prior: a factory called with latent_dim, encoder and image_shape
+    (default StandardNormal; functools.partial(VampPrior, num_components=500) for the VampPrior). posterior: a
+    factory called with latent_dim and context_dim (default GaussianPosterior; IAFPosterior for a flow).
+    encoder, decoder: your own networks instead (encoder(x) -> (mu, logvar); decoder(z) -> the likelihood's
+    parameters).
+
+    vae(x) returns the ELBO's terms (ElboTerms: recon and kl_layers per example, .loss = -ELBO); also
+    log_importance_weights, sample, reconstruct, posterior_means (models/base.py)."""
+
     def __init__(
         self,
         image_shape: tuple[int, ...],
