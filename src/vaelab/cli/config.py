@@ -100,8 +100,8 @@ def validate(cfg: DictConfig) -> None:
     _VALIDATED.add(key)
 
 
-def check_consistency(cfg: DictConfig, binary: bool) -> None:
-    """Checks across config groups: the likelihood must fit the data."""
+def check_consistency(cfg: DictConfig, binary: bool, channels: int | None = None) -> None:
+    """Checks across config groups: the likelihood must fit the data (`channels`: its images', if known)."""
     lik = cfg.likelihood.get("name", "")
     if lik == "gaussian" and binary:
         raise ConfigError(
@@ -109,7 +109,8 @@ def check_consistency(cfg: DictConfig, binary: bool) -> None:
             "use likelihood=bernoulli, or data.binarize=none for grey-scale images"
         )
     source = SOURCES.get(cfg.data.name)
-    if lik == "bernoulli" and not binary and source is not None and source.channels > 1:
+    channels = channels or (source.channels if source is not None else None)
+    if lik == "bernoulli" and not binary and (channels or 1) > 1:
         raise ConfigError(f"likelihood=bernoulli does not fit colour images (data={cfg.data.name}); "
                           "use likelihood=gaussian")
 

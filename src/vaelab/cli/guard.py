@@ -118,7 +118,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     path, _ = resume_from(cfg, run_dir)
     if path:
         source = SOURCES.get(cfg.data.name)
-        if source is not None:
+        if source is not None and source.image_shape is not None:  # your own images: checked once they are read
             check_fits(build_model(cfg, source.image_shape), path)
 
 

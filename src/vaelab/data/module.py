@@ -12,18 +12,25 @@ from torch import Tensor
 from vaelab.checks import Arg, check_args, one_of, positive_int
 from vaelab.data.batches import ExecutionPlan
 from vaelab.data.loader import InMemoryImages, InMemoryLoader, bernoulli_draw, binarize_once
+from vaelab.data.own import array_images, folder_images
 from vaelab.data.sources import SOURCES, Source, load_images, synthetic_images
 from vaelab.errors import ConfigError
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Fashion-MNIST (default), MNIST, CIFAR-10 or synthetic shapes, as in-memory tensors.
+    """Fashion-MNIST (default), MNIST, CIFAR-10, your own images (name="folder" or "arrays" with `path`) or synthetic
+    shapes, as in-memory tensors.
 
     binarize: none (grey-scale in [0, 1]) | static (one fixed Bernoulli draw) | dynamic (a fresh draw per
     training batch; validation and test are drawn once with a fixed seed so they stay comparable).
     subset: cap every split at this many images, for small fast runs.
     device: keep the images on this device (e.g. cuda: all of Fashion-MNIST is 47 MB) instead of host memory;
         auto: on the trainer's device when that is a GPU, else in host memory.
+    path: your images: a folder of PNG/JPEG files (train/ and test/ subfolders, or one folder cut by
+        test_fraction), or a .npz file with uint8 arrays train and test ([N, H, W] or [N, C, H, W]) (data/own.py).
+    channels, image_size: convert a folder's images to 1 (grey) or 3 (RGB) channels and resize them to this
+        size (an int, or [H, W]); None: as they are (they must then all match). cache: keep a folder's decoded
+        images beside it (rebuilt when its files or these options change).
     """
 
     ARGS: dict[str, Arg] = {
@@ -48,6 +55,11 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = True,
         seed: int = 0,
         device: str | None = "auto",
+        path: str | None = None,
+        channels: int | None = None,
+        image_size: int | list[int] | None = None,
+        test_fraction: float = 0.1,
+        cache: bool = True,
     ) -> None:
         check_args(self.ARGS, locals())
         super().__init__()
@@ -56,8 +68,14 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.subset, self.split_seed = val_size, subset, split_seed
         self.download, self.seed, self.device = download, seed, device
+        self.path, self.channels, self.image_size = path, channels, image_size
+        self.test_fraction, self.cache = test_fraction, cache
         self.source: Source = SOURCES[name]
-        self.image_shape: tuple[int, int, int] = self.source.image_shape
+        if self.source.reader and not path:
+            raise ConfigError(f"data={name} reads your images: give it data.path=<"
+                              f"{'a folder of PNG or JPEG images' if name == 'folder' else 'a .npz file'}>")
+        # [C, H, W]: the registry's, or (data=folder, arrays) known once the images are read (setup)
+        self.image_shape: tuple[int, int, int] | None = self.source.image_shape
         self.train_set = self.val_set = self.test_set = None
         self.execution_plan: ExecutionPlan | None = None  # handed over by the training module (use_execution_plan)
 
@@ -66,10 +84,15 @@ class ImageDataModule(L.LightningDataModule):
         return self.binarize != "none"
 
     def prepare_data(self) -> None:
-        if not self.source.generated:
+        if not self.source.generated and not self.source.reader:
             load_images(self.name, self.root, self.download)
 
     def _raw(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.source.reader == "folder":
+            return folder_images(self.path, self.channels, self.image_size, self.test_fraction, self.split_seed,
+                                 self.cache)
+        if self.source.reader == "arrays":
+            return array_images(self.path)
         if self.source.generated:
             n = (self.subset or 2000)
             return synthetic_images(n + min(self.val_size, n), 1), synthetic_images(n, 2)
@@ -94,6 +117,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _build(self) -> None:
         train_all, test = (torch.from_numpy(np.ascontiguousarray(a)) for a in self._raw())
+        self.image_shape = tuple(int(d) for d in train_all.shape[1:])
         if self.val_size >= train_all.shape[0]:
             raise ConfigError(
                 f"data.val_size={self.val_size} leaves no training images out of {train_all.shape[0]}"

@@ -32,20 +32,21 @@ class Source:
     """One data set: its shape, where torchvision keeps it, and where a Debian package puts it."""
 
     title: str
-    image_shape: tuple[int, int, int]  # [C, H, W]
+    image_shape: tuple[int, int, int] | None  # [C, H, W]; None: as the user's images are (data=folder, arrays)
     torchvision_class: str | None = None  # class name in torchvision.datasets; None: generated images
     folder: str = ""  # torchvision's folder under the root
     idx: bool = False  # kept as IDX files in <root>/<folder>/raw/, checked for damage before reading
     debian_dir: str | None = None  # where a Debian package puts the IDX .gz files
     debian_package: str | None = None
+    reader: str | None = None  # "folder" | "arrays": the user's own images at data.path (data/own.py)
 
     @property
-    def channels(self) -> int:
-        return self.image_shape[0]
+    def channels(self) -> int | None:
+        return self.image_shape[0] if self.image_shape else None
 
     @property
     def generated(self) -> bool:
-        return self.torchvision_class is None
+        return self.torchvision_class is None and self.reader is None
 
 
 SOURCES = {
@@ -54,6 +55,8 @@ SOURCES = {
     "mnist": Source("MNIST", (1, 28, 28), "MNIST", "MNIST", idx=True),
     "cifar10": Source("CIFAR-10", (3, 32, 32), "CIFAR10", "cifar-10-batches-py"),
     "synthetic": Source("synthetic shapes (unit tests only)", (1, 28, 28)),
+    "folder": Source("your images (a folder of PNG/JPEG files)", None, reader="folder"),
+    "arrays": Source("your images (uint8 arrays in a .npz file)", None, reader="arrays"),
 }
 
 

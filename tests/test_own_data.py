@@ -1,0 +1,155 @@
+"""Your own images (data=folder, data=arrays), tested on real images: Fashion-MNIST written out as PNG files and as a
+.npz file must serve the same pixels as data=fashion_mnist, train the same run from either, be decoded once and
+cached, and every bad input is one sentence naming the file or key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, run_app
+
+from vaelab.data import ImageDataModule, load_images, own
+from vaelab.errors import ConfigError, DataError
+
+N_TRAIN, N_TEST = 300, 100
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, fashion_mnist):
+    """Fashion-MNIST's first 300 training and 100 test images as PNG files (train/, test/) and as a .npz file."""
+    from PIL import Image
+
+    train, test = load_images("fashion_mnist", fashion_mnist, download=False)
+    root = tmp_path_factory.mktemp("own")
+    for split, images, n in (("train", train, N_TRAIN), ("test", test, N_TEST)):
+        (root / "pngs" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(images[i, 0]).save(root / "pngs" / split / f"{i:05d}.png")
+    np.savez(root / "images.npz", train=train[:N_TRAIN, 0], test=test[:N_TEST])  # [N, H, W] and [N, C, H, W]
+    return root, train[:N_TRAIN], test[:N_TEST]
+
+
+def module(**kwargs) -> ImageDataModule:
+    m = ImageDataModule(val_size=50, binarize="none", **kwargs)
+    m.setup("fit")
+    return m
+
+
+def test_a_folder_and_arrays_serve_fashion_mnists_own_pixels(real):
+    root, train, test = real
+    got_train, got_test = own.folder_images(root / "pngs")
+    assert np.array_equal(got_train, train) and np.array_equal(got_test, test)
+    folder, arrays = module(name="folder", path=str(root / "pngs")), module(name="arrays", path=str(root / "images.npz"))
+    assert folder.image_shape == arrays.image_shape == (1, 28, 28)
+    for split in ("train_set", "val_set", "test_set"):
+        assert torch.equal(getattr(folder, split).images, getattr(arrays, split).images), split
+    # the same split and validation cut as the built-in set makes from the same images
+    perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(folder.train_set.images, torch.from_numpy(train)[perm[50:]])
+    binarised = ImageDataModule(name="folder", path=str(root / "pngs"), val_size=50, binarize="dynamic")
+    binarised.setup("fit")
+    assert set(binarised.test_set.images.unique().tolist()) == {0.0, 1.0}  # every option of the built-in sets
+
+
+def test_a_folder_is_decoded_once_and_decoded_again_when_it_changes(real, tmp_path, monkeypatch):
+    import shutil
+
+    root, train, _ = real
+    folder = tmp_path / "imgs"
+    shutil.copytree(root / "pngs" / "train", folder)  # one folder: cut by test_fraction
+    first_train, first_test = own.folder_images(folder, test_fraction=0.2)
+    assert len(first_test) == round(N_TRAIN * 0.2) and len(first_train) + len(first_test) == N_TRAIN
+    (cache,) = folder.glob(".vaelab-cache-*.npz")
+    monkeypatch.setattr(own, "_decode", lambda *a: pytest.fail("decoded again although nothing changed"))
+    again = own.folder_images(folder, test_fraction=0.2)
+    assert np.array_equal(again[0], first_train)
+    monkeypatch.undo()
+    (folder / "00000.png").unlink()  # the folder changed: decoded again, the stale cache removed
+    changed_train, changed_test = own.folder_images(folder, test_fraction=0.2)
+    assert len(changed_train) + len(changed_test) == N_TRAIN - 1
+    assert not cache.exists() and len(list(folder.glob(".vaelab-cache-*.npz"))) == 1
+    own.folder_images(folder, test_fraction=0.2, image_size=14)  # new options: a cache of their own
+    assert len(list(folder.glob(".vaelab-cache-*.npz"))) == 1
+
+
+def test_colour_images_of_mixed_sizes_are_converted_as_asked(tmp_path):
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for i, size in enumerate([(32, 32), (40, 36)] * 5):
+        Image.fromarray(g.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(DataError, match=r"1\.png is RGB 36x40 but .*0\.png is RGB 32x32.*set data\.image_size"):
+        own.folder_images(tmp_path, cache=False)
+    train, test = own.folder_images(tmp_path, channels=1, image_size=[28, 24], cache=False)
+    assert train.shape[1:] == (1, 28, 24) and len(train) + len(test) == 10
+    rgb, _ = own.folder_images(tmp_path, image_size=16, cache=False)
+    assert rgb.shape[1:] == (3, 16, 16)
+
+
+def test_bad_images_and_arrays_are_one_sentence_each(real, tmp_path, caplog):
+    root, train, test = real
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"data.path=.*empty holds no files; put images in it"):
+        own.folder_images(tmp_path / "empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"holds 1 files but no PNG or JPEG images"):
+        own.folder_images(tmp_path / "text")
+    with pytest.raises(DataError, match=r"is not a folder"):
+        own.folder_images(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"data=folder reads your images: give it data.path="):
+        ImageDataModule(name="folder")
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(5):
+        (few / f"{i}.png").write_bytes((root / "pngs" / "train" / f"{i:05d}.png").read_bytes())
+    (few / "3.png").write_bytes((few / "3.png").read_bytes()[:40])  # truncated
+    with pytest.raises(DataError, match=r"3\.png cannot be read as an image \(unreadable or truncated; 1 of 4"):
+        own.folder_images(few, test_fraction=0.2)
+    many = tmp_path / "many"
+    import shutil
+
+    shutil.copytree(root / "pngs" / "train", many)
+    (many / "00007.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING):
+        got, held = own.folder_images(many, test_fraction=0.1, cache=False)
+    assert "1 of" in caplog.text and "00007.png" in caplog.text and len(got) + len(held) == N_TRAIN - 1
+
+    cases = {"float": dict(train=train.astype(np.float32), test=test), "rank": dict(train=train[0, 0], test=test),
+             "missing": dict(train=train)}
+    expected = {"float": r"'train' array is float32; vaelab takes uint8", "rank": r"shape \(28, 28\); vaelab takes",
+                "missing": r"has no array 'test' \(it has train\)"}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(DataError, match=expected[name]):
+            own.array_images(tmp_path / f"{name}.npz")
+    (tmp_path / "junk.npz").write_text("junk")
+    with pytest.raises(DataError, match=r"cannot be read as a \.npz file"):
+        own.array_images(tmp_path / "junk.npz")
+
+
+def test_the_app_trains_the_same_run_from_a_folder_and_from_arrays(real, tmp_path):
+    root, _, _ = real
+    base = [*TINY, "extras.print_config=false", "trainer.max_epochs=1", "logger=csv", "data.val_size=50",
+            "data.subset=null"]
+    results = []
+    for name, path in (("folder", root / "pngs"), ("arrays", root / "images.npz")):
+        proc = run_app(*base, f"data={name}", f"data.path={path}", f"hydra.run.dir={tmp_path / name}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert results[0]["data"] == "folder" and results[1]["data"] == "arrays"
+    a, b = (r["metrics"] for r in results)
+    assert math.isfinite(a["test/nll"]) and {k for k in a if not k.startswith("perf/")} <= set(b)
+    for key in (k for k in a if not k.startswith("perf/")):
+        assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), key
+    refused = run_app(*base, "data=folder", f"hydra.run.dir={tmp_path / 'refused'}")
+    assert refused.returncode != 0
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")] == [
+        "error: data=folder reads your images: give it data.path=<a folder of PNG or JPEG images>"]
+    assert not (tmp_path / "refused").exists()
