@@ -153,3 +153,40 @@ def test_the_app_trains_the_same_run_from_a_folder_and_from_arrays(real, tmp_pat
     assert [line for line in refused.stderr.splitlines() if line.startswith("error:")] == [
         "error: data=folder reads your images: give it data.path=<a folder of PNG or JPEG images>"]
     assert not (tmp_path / "refused").exists()
+
+
+def test_data_go_to_a_per_user_cache_outside_a_checkout(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from vaelab.data.sources import default_data_dir
+
+    monkeypatch.chdir(ROOT)
+    assert default_data_dir() == "data"  # README's `make data` puts Fashion-MNIST there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_data_dir() == str(tmp_path / "cache" / "vaelab" / "data")
+
+
+def test_a_missing_data_set_is_one_message_and_leaves_no_folder(tmp_path):
+    """data=mnist with no copy anywhere, launched outside a checkout, with the network closed: one error line that
+    names data.root and VAELAB_DATA_DIR, no download trace, and no empty folder left in the per-user cache."""
+    import subprocess
+    import sys
+
+    from conftest import app_env
+
+    env = dict(app_env(), XDG_CACHE_HOME=str(tmp_path / "cache"), http_proxy="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    env.pop("VAELAB_DATA_DIR")
+    proc = subprocess.run([sys.executable, "-m", "vaelab.cli.train", "data=mnist", "extras.print_config=false",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data.root=" in errors[0] and "VAELAB_DATA_DIR" in errors[0], said[-2000:]
+    assert str(tmp_path / "cache" / "vaelab" / "data") in errors[0]
+    assert not any(word in said for word in ("Downloading", "urlopen", "Traceback", "Tried http"))
+    assert said.count("vaelab keeps data sets in") == 1
+    assert not (tmp_path / "cache" / "vaelab").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.checks import one_of
+from vaelab.data.sources import default_data_dir
 from vaelab.errors import SaveError
 from vaelab.files import write_json
 from vaelab.training.checkpoints import readable_checkpoints
@@ -145,5 +146,7 @@ def save_json(path: Path, value) -> None:
 
 OmegaConf.register_new_resolver("vaelab_run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("vaelab_sweep_dir", sweep_dir, replace=True)
+# ${vaelab_data_dir:}: ./data in a vaelab checkout, else a per-user cache (conf/paths/default.yaml)
+OmegaConf.register_new_resolver("vaelab_data_dir", lambda: default_data_dir(), replace=True)
 # ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
 OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)

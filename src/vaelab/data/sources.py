@@ -120,6 +120,66 @@ def _install_debian_files(src: Source, root: Path) -> bool:
     return not _damaged_idx(src, root)
 
 
+def is_checkout(folder: Path) -> bool:
+    """Whether `folder` is a vaelab source checkout (its pyproject.toml names the project vaelab)."""
+    try:
+        return 'name = "vaelab"' in (folder / "pyproject.toml").read_text()
+    except OSError:
+        return False
+
+
+_SAID_WHERE = False
+
+
+def default_data_dir() -> str:
+    """Where data sets go when neither VAELAB_DATA_DIR nor data.root says: ./data in a vaelab checkout (README's
+    `make data` puts Fashion-MNIST there); anywhere else a per-user cache ($XDG_CACHE_HOME/vaelab/data, by
+    default ~/.cache/vaelab/data), said once per process, rather than a new data/ folder wherever one launches."""
+    global _SAID_WHERE
+    if is_checkout(Path.cwd()):
+        return "data"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vaelab" / "data"
+    if not _SAID_WHERE:
+        _SAID_WHERE = True
+        log.info("vaelab keeps data sets in %s (VAELAB_DATA_DIR or data.root choose another place)", cache)
+    return str(cache)
+
+
+def _new_folders(root: Path, src: Source) -> list[Path]:
+    """The folders a download into `root` would create that do not exist yet (to remove after a failed one)."""
+    chain = [root / src.folder / "raw", root / src.folder, root, *root.parents]
+    return [p for p in chain if not p.exists()]
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _download(src: Source, root: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """torchvision's download, quietly: its progress and error prints never reach the console; after a failure no
+    folder it created is left behind. None when it fails."""
+    import contextlib
+    import io
+
+    created = _new_folders(root, src)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return _torchvision_split(src, root, True, True), _torchvision_split(src, root, False, True)
+    except Exception as exc:  # noqa: BLE001 - any network failure means the same thing here
+        log.debug("download of %s failed: %s", src.title, exc)
+        for folder in created[:3]:  # what the attempt left: partial files of this data set, then empty folders
+            if folder.is_dir() and folder.name == "raw":
+                for part in folder.iterdir():
+                    if part.is_file() and not part.name.endswith(tuple(IDX_FILES)):
+                        part.unlink(missing_ok=True)
+        _remove_if_empty(created)
+        return None
+
+
 def load_images(name: str, root: str | os.PathLike, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(official train images, official test images) as uint8 [N, C, H, W], from the first source that works."""
     src = SOURCES[name]
@@ -136,17 +196,14 @@ def load_images(name: str, root: str | os.PathLike, download: bool = True) -> tu
         pass
     if _install_debian_files(src, root):  # 2. Debian's package
         return _torchvision_split(src, root, True, False), _torchvision_split(src, root, False, False)
-    if download:  # 3. torchvision's download
-        try:
-            return _torchvision_split(src, root, True, True), _torchvision_split(src, root, False, True)
-        except Exception as exc:  # noqa: BLE001 - any network failure means the same thing here
-            log.info("Download of %s failed: %s", src.title, exc)
-    ways = [f"put torchvision's files under {root / src.folder}"]
+    if download and (found := _download(src, root)) is not None:  # 3. torchvision's download
+        return found
+    ways = [f"point data.root (or VAELAB_DATA_DIR) at the folder that holds torchvision's {src.folder}/"]
     if src.debian_package:
         ways.insert(0, f"install Debian's package ({src.debian_package}, e.g. `make data` as root)")
     ways.append("run once with network access and data.download=true" if not download
                 else "run once with network access so torchvision can download it")
-    raise DataError(f"{src.title} was not found: {', '.join(ways[:-1])}, or {ways[-1]}.")
+    raise DataError(f"{src.title} was not found under data.root={root}: {', '.join(ways[:-1])}, or {ways[-1]}.")
 
 
 def synthetic_images(n: int, seed: int, shape=(1, 28, 28)) -> np.ndarray:
@@ -169,7 +226,7 @@ def main() -> None:
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "fashion_mnist"
-    root = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("VAELAB_DATA_DIR", "data")
+    root = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("VAELAB_DATA_DIR") or default_data_dir()
     try:
         train, test = load_images(name, root, download=True)
     except DataError as exc:
