@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup data train test lint clean bench
+.PHONY: setup data browser train test lint clean bench
 
 setup: $(STAMP)
 
@@ -30,7 +30,16 @@ data: $(STAMP)
 train: data
 	$(BIN)/vaelab-train $(ARGS)
 
-test: data
+# Debian's chromium, for the test that opens report.html in a real headless browser (installed as the data set is)
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's chromium (for the report page's browser test) ..."; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 \
+	    || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) \
+	    || echo "apt-get could not install chromium; the report page's browser test will say so."; \
+	fi
+
+test: data browser
 	$(BIN)/python -m pytest $(ARGS)
 
 # Speed figures (each script prints a table and writes outputs/benchmarks/<name>.json)

@@ -126,3 +126,53 @@ def test_a_bad_configuration_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_pa
     ok, bad = (json.loads((root / str(i) / "results.json").read_text()) for i in (0, 1))
     assert ok["status"] == "finished" and bad["status"] == "failed"
     assert "model.latent_dim must be greater than 0, got -1" in bad["error"]
+
+
+def _chromium() -> str:
+    import os
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if found is None:
+        if os.environ.get("VAELAB_REQUIRE_DATA"):  # CI: `make test` installs it (make browser), so this is a failure
+            pytest.fail("no chromium: `make browser` installs Debian's chromium (as root with apt)")
+        pytest.skip("no chromium (make browser installs Debian's)")
+    return found
+
+
+def test_the_report_page_opens_in_a_real_browser(sweep, tmp_path):
+    """report.html from the one-epoch sweep, opened by headless chromium: no console errors, every image decoded
+    (naturalWidth > 0), nothing fetched from the network, and a screenshot that is not blank."""
+    import subprocess
+
+    import matplotlib.pyplot as plt
+
+    from vaelab.cli.report import report
+
+    root = tmp_path / "sweep"
+    shutil.copytree(sweep, root)
+    paths = report(root)
+    page = paths["report.html"].read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained, offline
+    assert page.count('src="data:image/png;base64,') >= 2 + 4 * 2  # NLL, curves, and each model's two grids
+    assert "(nll.png)" in paths["report.md"].read_text() and "(report.html)" in paths["report.md"].read_text()
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               "--allow-file-access-from-files", "--virtual-time-budget=10000"]
+    # a wrapper page reads the report's images from its frame (file:// pages of one folder may, with the flag)
+    (root / "check.html").write_text(
+        '<iframe id="f" src="report.html" width="1400" height="900"></iframe><pre id="out">pending</pre><script>'
+        'document.getElementById("f").onload = () => { const d = document.getElementById("f").contentDocument;'
+        'document.getElementById("out").textContent = JSON.stringify([...d.images].map('
+        'i => [i.alt, i.complete, i.naturalWidth])); };</script>')
+    dom = subprocess.run([*browser, "--dump-dom", (root / "check.html").as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    images = json.loads(dom.stdout.split('<pre id="out">')[1].split("</pre>")[0].replace("&quot;", '"'))
+    assert len(images) >= 10 and all(done and width > 0 for _, done, width in images), images
+    shot = tmp_path / "report.png"
+    run = subprocess.run([*browser, "--enable-logging=stderr", "--v=0", "--window-size=1400,2600",
+                          f"--screenshot={shot}", paths["report.html"].as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "net::ERR" in line]
+    assert run.returncode == 0 and not console, console or run.stderr[-2000:]
+    pixels = plt.imread(shot)
+    assert pixels.shape[0] == 2600 and pixels.std() > 0.05  # a page, not a blank screen
+    shutil.copy(shot, root / "report_screenshot.png")

@@ -1,10 +1,11 @@
 """vaelab-report <outputs or multirun dir>: compare finished runs.
 
 Reads every run directory below the given one (`.hydra/config.yaml`, `results.json`, `metrics.csv`) and
-writes into it: report.md and report.csv (one row per configuration, mean +/- std over seeds), runs.csv
-(one row per run, failed ones included), curves.png (validation ELBO, reconstruction and KL for all runs on
-shared axes) and samples.png (each configuration's prior samples side by side). `--wandb` logs the same
-table and figures to W&B.
+writes into it: report.html (one self-contained page: the table, the figures, each configuration's labelled
+grids; report_page.py), report.md and report.csv (one row per configuration, mean +/- std over seeds), runs.csv
+(one row per run, failed ones included), nll.png (test NLL per configuration: seeds, spread, Monte Carlo error),
+curves.png (training and validation ELBO, reconstruction and KL for all runs) and samples.png (each configuration's
+prior samples side by side). `--wandb` logs the same table and figures to W&B.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab.cli.report_page import curves_figure, nll_figure, write_page
 from vaelab.files import atomic_write
 
 COLUMNS = [  # (results key, table header)
@@ -161,7 +163,9 @@ def write_tables(root: Path, rows: list[dict], runs: list[Run]) -> dict[str, Pat
     paths = {"report.md": root / "report.md", "report.csv": root / "report.csv", "runs.csv": root / "runs.csv"}
     with atomic_write(paths["report.md"]) as f:
         f.write(f"# vaelab report: {root}\n\nTest metrics in nats per image (bits/dim aside); mean ± std over "
-                "seeds.\n\n" + markdown(rows, runs))
+                "seeds. The same as a page, figures included: [report.html](report.html).\n\n" + markdown(rows, runs)
+                + "\n\n## Figures\n\n![test NLL per configuration](nll.png)\n\n![training and validation curves]"
+                "(curves.png)\n\n![prior samples per configuration](samples.png)\n")
     with atomic_write(paths["report.csv"], newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -179,8 +183,10 @@ def write_tables(root: Path, rows: list[dict], runs: list[Run]) -> dict[str, Pat
 
 
 def _val_curves(run: Run) -> dict[str, list[tuple[int, float]]]:
+    """The per-epoch training and validation curves (ELBO, reconstruction, KL) in a run's metrics.csv."""
     file = run.path / "metrics.csv"
-    curves: dict[str, list[tuple[int, float]]] = {"val/elbo": [], "val/recon": [], "val/kl": []}
+    curves: dict[str, list[tuple[int, float]]] = {f"{split}/{key}": [] for split in ("val", "train")
+                                                  for key in ("elbo", "recon", "kl")}
     if not file.is_file():
         return curves
     with open(file, newline="") as f:
@@ -192,29 +198,18 @@ def _val_curves(run: Run) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_curves(root: Path, runs: list[Run]) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
-    titles = {"val/elbo": "validation ELBO (nats)", "val/recon": "validation reconstruction (nats)",
-              "val/kl": "validation KL (nats)"}
-    for run in runs:
-        curves = run.curves
-        name = run.label + (f" s{run.seed}" if run.seed is not None else "") + ("" if run.status == "finished" else " (failed)")
-        for ax, (key, points) in zip(axes, curves.items()):
-            if points:
-                ax.plot(*zip(*points), label=name, linestyle="-" if run.status == "finished" else ":")
-    for ax, key in zip(axes, titles):
-        ax.set_title(titles[key])
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    elbo = [v for r in runs for _, v in r.curves["val/elbo"]]
-    if len(elbo) > 4:  # the first epochs' ELBO dwarfs the differences that matter: zoom on the later ones
-        lo, hi = sorted(elbo)[0], sorted(elbo)[-1]
-        axes[0].set_ylim(max(lo, hi - 4 * (statistics.median(elbo) - lo + 1e-9) - 1), hi + 1)
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    """curves.png: training and validation ELBO, reconstruction and KL of every run (report_page.curves_figure)."""
     path = root / "curves.png"
     with atomic_write(path, "wb") as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+        f.write(curves_figure(runs))
+    return path
+
+
+def plot_nll(root: Path, rows: list[dict], runs: list[Run]) -> Path:
+    """nll.png: test NLL per configuration, spread over seeds and Monte Carlo error (report_page.nll_figure)."""
+    path = root / "nll.png"
+    with atomic_write(path, "wb") as f:
+        f.write(nll_figure(rows, runs))
     return path
 
 
@@ -264,9 +259,11 @@ def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab") -
     rows = summarise(runs)
     paths = write_tables(root, rows, runs)
     paths["curves.png"] = plot_curves(root, runs)
+    paths["nll.png"] = plot_nll(root, rows, runs)
     paths["samples.png"] = plot_samples(root, runs)
+    paths["report.html"] = write_page(root, rows, runs, COLUMNS)
     if use_wandb:
-        log_to_wandb(root, rows, [paths["curves.png"], paths["samples.png"]], project)
+        log_to_wandb(root, rows, [paths["curves.png"], paths["nll.png"], paths["samples.png"]], project)
     print(paths["report.md"].read_text())
     print("\n".join(f"  {name:<12} {p}" for name, p in paths.items()))
     return paths

@@ -1,0 +1,167 @@
+"""vaelab-report's page: report.html, one self-contained file (every figure embedded as a PNG data URI, no script,
+no network) that opens offline, e.g. from a cluster's file system. It holds the table (mean +- std over seeds), the
+test NLL per configuration with its spread over seeds and its Monte Carlo standard error, the training and
+validation curves, and each configuration's labelled sample and reconstruction grids."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from vaelab.files import atomic_write
+
+CURVE_KEYS = ("elbo", "recon", "kl")
+CURVE_TITLES = {"elbo": "ELBO (nats)", "recon": "reconstruction (nats)", "kl": "KL (nats)"}
+SHORT_RUN = 20  # runs with at most this many points per curve are drawn with markers, so one epoch is a dot
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _name(run) -> str:
+    return run.label + (f" s{run.seed}" if run.seed is not None else "") + ("" if run.status == "finished" else
+                                                                             " (failed)")
+
+
+def curves_figure(runs) -> bytes:
+    """Training (top) and validation (bottom) ELBO, reconstruction and KL per epoch: a legend on every panel,
+    markers where runs are short, integer epoch ticks."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+    for row, split in enumerate(("train", "val")):
+        for col, key in enumerate(CURVE_KEYS):
+            ax = axes[row][col]
+            drawn, epochs = False, []
+            for run in runs:
+                points = run.curves.get(f"{split}/{key}", [])
+                if not points:
+                    continue
+                marker = "o" if len(points) <= SHORT_RUN else None
+                ax.plot(*zip(*points), marker=marker, label=_name(run),
+                        linestyle="-" if run.status == "finished" else ":")
+                drawn, epochs = True, epochs + [x for x, _ in points]
+            if epochs:  # whole epochs only, with room around a single one
+                ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+            ax.set_title(f"{'training' if split == 'train' else 'validation'} {CURVE_TITLES[key]}")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            ax.grid(alpha=0.3)
+            if drawn:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no points recorded", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def nll_figure(rows: list[dict], runs) -> bytes:
+    """Test NLL per configuration: each seed a dot, the mean with the seeds' standard deviation as a thick bar, and
+    the Monte Carlo standard error of the importance-sampled estimate as a thin bar inside it."""
+    labels = [row["configuration"] for row in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(labels) + 2), 4.2))
+    for i, label in enumerate(labels):
+        done = [r for r in runs if r.label == label and r.status == "finished" and "test/nll" in r.metrics]
+        values = [r.metrics["test/nll"] for r in done]
+        if not values:
+            continue
+        mean = statistics.fmean(values)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        mc_se = statistics.fmean(r.metrics.get("test/nll_mc_se", 0.0) for r in done)
+        ax.errorbar(i, mean, yerr=spread, fmt="o", color="C0", capsize=8, linewidth=3,
+                    label="mean ± std over seeds" if i == 0 else None)
+        ax.errorbar(i + 0.12, mean, yerr=mc_se, fmt="none", color="C3", capsize=4, linewidth=1,
+                    label="Monte Carlo standard error" if i == 0 else None)
+        ax.scatter([i - 0.12] * len(values), values, color="k", s=14, zorder=3, label="seeds" if i == 0 else None)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("test NLL (nats, lower is better)")
+    ax.set_title("test NLL per configuration")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def grids(runs) -> list[tuple[str, list[tuple[str, Path, str]]]]:
+    """Per configuration (its first finished seed): [(title, PNG, caption)] of its sample and reconstruction grids,
+    and of its post-hoc GMM samples when vaelab-sample sampler=gmm drew them."""
+    chosen, out = set(), []
+    for run in runs:
+        if run.status != "finished" or run.label in chosen:
+            continue
+        chosen.add(run.label)
+        found = []
+        samples, recons = run.path / "samples" / "samples_final.png", run.path / "samples" / "reconstructions_final.png"
+        if samples.is_file():
+            found.append(("prior samples", samples, "z ~ p(z), decoded to the mean of p(x|z)"))
+        gmm = sorted((run.path / "samples").glob("*/gmm_samples.png"))
+        if gmm:
+            found.append(("GMM samples", gmm[-1], "z from a Gaussian mixture fitted to the training set's posterior "
+                          "means (vaelab-sample sampler=gmm)"))
+        if recons.is_file():
+            found.append(("reconstructions", recons, "rows 1, 3, 5, ...: validation images (originals); the row "
+                          "below each: their reconstructions"))
+        if found:
+            out.append((f"{run.label}" + (f" (seed {run.seed})" if run.seed is not None else ""), found))
+    return out
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1500px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}
+figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}figcaption{font-size:0.85em;color:#555;max-width:360px}
+figure img{width:360px;image-rendering:pixelated}
+.config{margin-bottom:1.5em}"""
+
+
+def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]]) -> Path:
+    head = ["configuration", "seeds", *[h for _, h in columns]]
+    body = []
+    for row in rows:
+        cells = [html.escape(str(row["configuration"])), str(row["finished"])]
+        for key, _ in columns:
+            mean, std = row.get(key), row.get(key + " std")
+            cells.append("" if mean is None else (f"{mean:.2f} ± {std:.2f}" if row["finished"] > 1 else f"{mean:.2f}"))
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body)
+             + "</table>")
+    failed = [r for r in runs if r.status != "finished"]
+    failed_html = "" if not failed else "<h2>Runs that did not finish</h2><ul>" + "".join(
+        f"<li><code>{html.escape(str(r.path))}</code> ({html.escape(r.label)}, seed {r.seed}): "
+        f"{html.escape(str(r.error or r.status))}</li>" for r in failed) + "</ul>"
+    sections = []
+    for title, found in grids(runs):
+        figures = "".join(f'<figure><img src="{_data_uri(png.read_bytes())}" alt="{html.escape(title)}: {name}">'
+                          f"<figcaption><b>{name}</b>: {html.escape(caption)}</figcaption></figure>"
+                          for name, png, caption in found)
+        sections.append(f'<div class="config"><h3>{html.escape(title)}</h3>{figures}</div>')
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>vaelab report: {html.escape(root.name)}</title>
+<style>{STYLE}</style></head><body>
+<h1>vaelab report</h1><p><code>{html.escape(str(root))}</code>: {len(runs)} runs, {len(rows)} configurations. Test
+metrics in nats per image (bits/dim aside); mean ± std over seeds.</p>
+<h2>Results</h2>{table}{failed_html}
+<h2>Test NLL</h2><img src="{_data_uri(nll_figure(rows, runs))}" alt="test NLL per configuration">
+<h2>Training and validation curves</h2><img src="{_data_uri(curves_figure(runs))}" alt="training and validation curves">
+<h2>Samples and reconstructions</h2>{''.join(sections) or '<p>No sample grids were found.</p>'}
+</body></html>
+"""
+    path = root / "report.html"
+    with atomic_write(path) as f:
+        f.write(page)
+    return path
