@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,46 @@ def test_the_report_page_opens_in_a_real_browser(sweep, tmp_path):
     pixels = plt.imread(shot)
     assert pixels.shape[0] == 2600 and pixels.std() > 0.05  # a page, not a blank screen
     shutil.copy(shot, root / "report_screenshot.png")
+
+
+def test_gmm_sampler_draws_where_the_codes_are_and_the_page_shows_it(sweep, tmp_path):
+    """vaelab-sample sampler=gmm on the deep VampPrior run: a mixture over the training codes, its samples beside the
+    prior's in the report page, and the test codes' log-likelihood, checked against torch.distributions."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+
+    from vaelab.cli.report import report
+    from vaelab.cli.sample import run as sample
+    from vaelab.evaluation.latents import embed
+    from vaelab.evaluation.samplers import GMMSampler
+    from vaelab.training.checkpoints import load_model
+
+    root = tmp_path / "sweep"
+    shutil.copytree(sweep, root)
+    (run,) = [d for d, r in _results(root).items() if (r["model"], r["prior"]) == ("deep", "vamp")]
+    ckpt = root / run / "checkpoints" / "last.ckpt"
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = hydra_compose("sample", overrides=[f"ckpt_path={ckpt}", "sampler=gmm", "gmm_components=3",
+                                                 "num_samples=16", "num_reconstructions=8"])
+    paths = sample(cfg)
+    import matplotlib.pyplot as plt
+
+    grid = plt.imread(paths["gmm_samples"])
+    assert grid.shape[:2] == (2 + 2 * 30, 2 + 8 * 30) and grid.std() > 0.01  # 16 images, 8 a row, not blank
+    saved = json.loads(paths["gmm"].read_text())
+    assert saved["components"] == 3 and math.isfinite(saved["test_log_likelihood_per_code"])
+    assert "GMM samples" in report(root)["report.html"].read_text()
+
+    model = load_model(ckpt)
+    images = torch.rand(300, 1, 28, 28).bernoulli()  # the maths of the score, on any codes
+    sampler = GMMSampler(model, components=3, seed=0).fit(images[:200])
+    got = sampler.log_likelihood(images[200:])
+    gmm = sampler.gmm
+    mixture = MixtureSameFamily(Categorical(torch.as_tensor(gmm.weights_)),
+                                MultivariateNormal(torch.as_tensor(gmm.means_), torch.as_tensor(gmm.covariances_)))
+    codes = embed(model, images[200:]).double()
+    assert got["gmm"] == pytest.approx(float(mixture.log_prob(codes).mean()), rel=1e-6)
+    assert got["prior"] == pytest.approx(float(model.prior.log_prob(codes.float()).mean()), rel=1e-5)
+    assert sampler.sample(5).shape == (5, 1, 28, 28)
