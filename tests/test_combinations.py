@@ -65,6 +65,6 @@ def test_every_combination_trains_tests_and_every_tool_takes_it(train_in_process
     assert grids["samples"].is_file() and ("prior_components" in grids) == (prior == "mog")
     (out / ".hydra").mkdir()  # what Hydra writes for a CLI run; this run was in-process
     OmegaConf.save(torch.load(ckpt, weights_only=True)["vaelab_config"], out / ".hydra" / "config.yaml")
-    paths = report(out.parent)
+    paths = report(out.parent, gmm=False)
     label = f"{model}+{prior}{'' if posterior == 'gaussian' else '+' + posterior} ({likelihood})"
     assert label in paths["report.md"].read_text()

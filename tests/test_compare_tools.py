@@ -52,7 +52,7 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
     root = tmp_path / "partial"
     shutil.copytree(sweep, root)
     (root / "3" / "results.json").unlink()  # a crashed run leaves no results.json
-    proc = run_app(str(root), "--wandb", module="vaelab.cli.report")
+    proc = run_app(str(root), "--wandb", "--no-gmm", module="vaelab.cli.report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report_run,) = (root / "wandb").glob("offline-run-*")
     assert wandb_files.run_info(report_run)["job_type"] == "report"
@@ -154,7 +154,8 @@ def test_the_report_page_opens_in_a_real_browser(sweep, tmp_path):
     paths = report(root)
     page = paths["report.html"].read_text()
     assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained, offline
-    assert page.count('src="data:image/png;base64,') >= 2 + 4 * 2  # NLL, curves, and each model's two grids
+    assert page.count('src="data:image/png;base64,') >= 2 + 4 * 3  # NLL, curves, each model's three grids
+    assert page.count("<b>GMM samples</b>") == 4  # drawn by the report for every configuration
     assert "(nll.png)" in paths["report.md"].read_text() and "(report.html)" in paths["report.md"].read_text()
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                "--allow-file-access-from-files", "--virtual-time-budget=10000"]

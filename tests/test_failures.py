@@ -89,7 +89,7 @@ def test_the_report_skips_broken_runs_in_one_line_each_and_writes_the_rest_whole
     report = (root / "report.md").read_text()
     assert "| vanilla+standard (bernoulli) | 1/1 |" in report
     assert {p.name for p in root.iterdir() if p.is_file()} == {"report.md", "report.csv", "runs.csv", "curves.png",
-                                                                "samples.png"}  # no temporary file
+                                                                "nll.png", "samples.png", "report.html"}  # no temporary file
 
 
 @pytest.mark.parametrize("override,expected", [

@@ -64,7 +64,7 @@ def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashio
 
     tables = []
     for d in (solo, stacked):
-        report(str(d), False, "vaelab")  # the app's own function, in this process
+        report(str(d), False, "vaelab", gmm=False)  # the app's own function, in this process
         rows = list(csv.DictReader((d / "report.csv").open()))
         tables.append({r["configuration"]: {k: v for k, v in r.items() if "time" not in k} for r in rows})
     assert len(tables[0]) == 2 and tables[0].keys() == tables[1].keys()  # two betas, each over two seeds
@@ -90,7 +90,8 @@ def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashio
     overrides = (job / ".hydra" / "overrides.yaml").read_text()
     assert f"seed={key[0]}" in overrides and "loss.beta=" in overrides and "hydra/launcher" not in overrides
     best = Path(results["best_checkpoint"])
-    assert best.stat().st_size == Path(want[key]["best_checkpoint"]).stat().st_size  # one member's, not the stack
+    # one member's weights, not the stack's (which would be 4 times as large); paths in its config differ by a few bytes
+    assert abs(best.stat().st_size - Path(want[key]["best_checkpoint"]).stat().st_size) < 4096
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

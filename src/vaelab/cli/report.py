@@ -248,7 +248,32 @@ def log_to_wandb(root: Path, rows: list[dict], figures: list[Path], project: str
     run.finish()
 
 
-def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab") -> dict[str, Path]:
+def draw_gmm_samples(runs: list[Run], components: int = 10) -> None:
+    """For each configuration's first finished run without them: samples of a Gaussian mixture fitted to its
+    training codes (vaelab-sample sampler=gmm's), for the page to show beside the prior samples. A run whose data or
+    checkpoint cannot be read is said in one line and shown without them."""
+    from vaelab.cli.config import restore
+    from vaelab.errors import VaelabError
+    from vaelab.evaluation.samplers import draw_gmm
+
+    done = set()
+    for run in runs:
+        if run.status != "finished" or run.label in done:
+            continue
+        done.add(run.label)
+        ckpt = Path(run.results.get("best_checkpoint") or run.path / "checkpoints" / "last.ckpt")
+        if list((run.path / "samples").glob("*/gmm_samples.png")):
+            continue
+        try:
+            _, datamodule, model = restore(ckpt)
+            if len(datamodule.train_set) < components:
+                raise VaelabError(f"{len(datamodule.train_set)} training images are too few for {components} components")
+            draw_gmm(model, datamodule, run.path / "samples" / ckpt.stem, components)
+        except (VaelabError, OSError, ValueError) as exc:
+            print(f"vaelab-report: no GMM samples for {run.label} ({run.path}): {exc}", file=sys.stderr, flush=True)
+
+
+def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab", gmm: bool = True) -> dict[str, Path]:
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"error: {root} is not a directory; pass an outputs/ or multirun directory.")
@@ -261,6 +286,8 @@ def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab") -
     paths["curves.png"] = plot_curves(root, runs)
     paths["nll.png"] = plot_nll(root, rows, runs)
     paths["samples.png"] = plot_samples(root, runs)
+    if gmm:
+        draw_gmm_samples(runs)
     paths["report.html"] = write_page(root, rows, runs, COLUMNS)
     if use_wandb:
         log_to_wandb(root, rows, [paths["curves.png"], paths["nll.png"], paths["samples.png"]], project)
@@ -274,8 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", help="an outputs/ or multirun directory holding finished runs")
     parser.add_argument("--wandb", action="store_true", help="also log the table and figures to W&B")
     parser.add_argument("--project", default="vaelab", help="W&B project for --wandb")
+    parser.add_argument("--no-gmm", action="store_true",
+                        help="do not draw GMM samples for the runs that have none (they read each run's data set)")
     args = parser.parse_args(argv)
-    report(args.directory, args.wandb, args.project)
+    report(args.directory, args.wandb, args.project, gmm=not args.no_gmm)
 
 
 if __name__ == "__main__":

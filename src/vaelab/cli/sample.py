@@ -9,14 +9,14 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from vaelab.checks import Arg, one_of
 from vaelab.cli.config import CONF_DIR, check_keys, refuse_unknown_keys, restore
 from vaelab.devices import pick_device
 from vaelab.errors import ConfigError, run_or_explain
 from vaelab.evaluation.grids import all_grids
-from vaelab.files import write_json
+from vaelab.evaluation.samplers import draw_gmm
 
 # vaelab-sample's counts, with upper bounds that keep a grid in memory (4,096 images of 32x32x3 floats: 50 MB)
 ARGS = [Arg("num_samples", "int", 1, high=4096), Arg("num_reconstructions", "int", 1, high=1024),
@@ -47,27 +47,11 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 
 def gmm_samples(cfg: DictConfig, model, datamodule, out_dir: Path) -> dict[str, Path]:
-    """sampler=gmm: a Gaussian mixture fitted to the training set's posterior means (as binarised for training: one
-    fixed draw), its samples as gmm_samples.png, and the test codes' log-likelihood under it in gmm.json."""
-    from vaelab.data.loader import bernoulli_draw
-    from vaelab.evaluation.samplers import GMMSampler
-
-    train = datamodule.train_images()
-    if datamodule.binarize == "dynamic":
-        train = bernoulli_draw(train, torch.Generator(device=train.device).manual_seed(cfg.seed))
-    elif datamodule.is_binary:
-        train = datamodule.train_set.__getitems__(list(range(len(datamodule.train_set))))
-    if len(train) < cfg.gmm_components:
-        raise ConfigError(f"gmm_components={cfg.gmm_components} is more than the {len(train)} training images; "
-                          "lower gmm_components")
-    sampler = GMMSampler(model, cfg.gmm_components, cfg.seed).fit(train)
-    test = datamodule.test_set.__getitems__(list(range(len(datamodule.test_set))))
-    ll = sampler.log_likelihood(test)
-    paths = {"gmm_samples": out_dir / "gmm_samples.png", "gmm": out_dir / "gmm.json"}
-    save_image(make_grid(sampler.sample(cfg.num_samples), nrow=8, padding=2, pad_value=0.5), paths["gmm_samples"])
-    write_json(paths["gmm"], {"components": cfg.gmm_components, "covariance": "full", "train_codes": len(train),
-                              "test_codes": len(test), "test_log_likelihood_per_code": ll["gmm"],
-                              "prior_test_log_likelihood_per_code": ll["prior"], "seed": cfg.seed})
+    """sampler=gmm: gmm_samples.png and gmm.json (evaluation/samplers.py: draw_gmm)."""
+    if len(datamodule.train_set) < cfg.gmm_components:
+        raise ConfigError(f"gmm_components={cfg.gmm_components} is more than the {len(datamodule.train_set)} "
+                          "training images; lower gmm_components")
+    paths, ll = draw_gmm(model, datamodule, out_dir, cfg.gmm_components, cfg.num_samples, cfg.seed)
     print(f"  {'gmm_samples':<16} {paths['gmm_samples']}")
     print(f"  {'gmm':<16} {paths['gmm']}: test codes' log-likelihood {ll['gmm']:.2f} nats per code under the "
           f"mixture, {ll['prior']:.2f} under the prior")

@@ -5,6 +5,7 @@ often fills the prior unevenly; sampling where the codes are gives sharper image
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -50,3 +51,29 @@ class GMMSampler:
             device = next(self.model.parameters()).device
             prior = float(self.model.prior.log_prob(codes.to(device)).mean())
         return {"gmm": gmm if math.isfinite(gmm) else float("nan"), "prior": prior}
+
+
+def draw_gmm(model, datamodule, out_dir: Path, components: int = 10, num_samples: int = 64,
+             seed: int = 0) -> tuple[dict[str, Path], dict[str, float]]:
+    """Fit the mixture to a data module's training images (binarised as for training: one fixed draw), write its
+    samples (gmm_samples.png) and the test codes' log-likelihood under it and under the prior (gmm.json) into
+    out_dir: what vaelab-sample sampler=gmm and vaelab-report draw."""
+    from torchvision.utils import make_grid, save_image
+
+    from vaelab.data.loader import bernoulli_draw
+    from vaelab.files import write_json
+
+    train = datamodule.train_images()
+    if datamodule.binarize == "dynamic":
+        train = bernoulli_draw(train, torch.Generator(device=train.device).manual_seed(seed))
+    elif datamodule.is_binary:
+        train = datamodule.train_set.__getitems__(list(range(len(datamodule.train_set))))
+    sampler = GMMSampler(model, components, seed).fit(train)
+    ll = sampler.log_likelihood(datamodule.test_set.__getitems__(list(range(len(datamodule.test_set)))))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"gmm_samples": out_dir / "gmm_samples.png", "gmm": out_dir / "gmm.json"}
+    save_image(make_grid(sampler.sample(num_samples), nrow=8, padding=2, pad_value=0.5), paths["gmm_samples"])
+    write_json(paths["gmm"], {"components": components, "covariance": "full", "train_codes": len(train),
+                              "test_codes": len(datamodule.test_set), "test_log_likelihood_per_code": ll["gmm"],
+                              "prior_test_log_likelihood_per_code": ll["prior"], "seed": seed})
+    return paths, ll
