@@ -138,7 +138,8 @@ def test_jobs_group_by_the_keys_that_fix_shapes_and_code():
     assert [g.jobs for g in groups] == [[0, 1, 2], [3], [4], [5]]
     assert groups[2].alone and "SGD" in groups[2].alone
     said = "\n".join(notes)
-    assert "model differs" in said and "prior differs" in said and "job 4 runs alone" in said
+    assert "model differs between jobs (vanilla, deep)" in said and "prior differs between jobs (standard, vamp)" in said
+    assert "model.latent_dim differs between jobs (40, 20)" in said and "job 4 runs alone" in said
     assert split(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 

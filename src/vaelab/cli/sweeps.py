@@ -88,20 +88,36 @@ def group_jobs(configs: list[DictConfig]) -> tuple[list[Group], list[str]]:
         else:
             match.jobs.append(j)
     notes = []
-    if len(groups) > 1:
-        for key in SHAPE_KEYS:
-            seen = []
-            for g in groups:
-                value = json.dumps(g.key[key], sort_keys=True, default=str)
-                if value not in seen:
-                    seen.append(value)
-            if len(seen) > 1:
-                shown = ", ".join(v if len(v) < 40 else v[:37] + "..." for v in seen)
-                notes.append(f"stacked launcher: {key} differs between jobs ({shown}): one stack for each value")
+    stackable = [g for g in groups if g.alone is None]
+    for key in SHAPE_KEYS if len(stackable) > 1 else ():
+        values = [g.key[key] for g in stackable]
+        names = [v.get("name") if isinstance(v, dict) else None for v in values]
+        if len(set(names)) > 1:  # another model, prior, ...: said by its name; then what differs within one
+            notes.append(_split_note(key, names))
+        for name in dict.fromkeys(names):
+            leaves = [_flatten(v, key) for v, n in zip(values, names) if n == name]
+            for leaf in dict.fromkeys(k for one in leaves for k in one):
+                if len({json.dumps(one.get(leaf), sort_keys=True, default=str) for one in leaves}) > 1:
+                    notes.append(_split_note(leaf, [one.get(leaf) for one in leaves]))
     for g in groups:
         if g.alone:
             notes.append(f"stacked launcher: job {', '.join(map(str, g.jobs))} runs alone: {g.alone}")
     return groups, notes
+
+
+def _split_note(key: str, values: list) -> str:
+    shown = ", ".join(dict.fromkeys(json.dumps(v, default=str).strip('"') for v in values))
+    return f"stacked launcher: {key} differs between jobs ({shown}): one stack for each value"
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    """{dotted key: leaf value} of a nested config, so that a split is said by the leaf that differs."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def split(jobs: list[int], most: int) -> list[list[int]]:
