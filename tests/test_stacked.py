@@ -276,3 +276,14 @@ def test_members_left_out_or_diverged_keep_their_weights():
         assert torch.equal(value[1], before[name][1]) and torch.equal(value[2], before[name][2]), name
     assert any(not torch.equal(v[0], before[n][0]) for n, v in stack.params.items())
     assert stack.step.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_wrong_launcher_setting_is_one_line_before_any_job(tmp_path, fashion_mnist):
+    for setting, said in (("hydra.launcher.stack=maybe", "error: hydra.launcher.stack='maybe' is not one of auto, "
+                                                         "true, false"),
+                          ("hydra.launcher.max_members=0", "error: hydra.launcher.max_members=0 must be a whole number "
+                                                           "of at least 1")):
+        proc = run_app("-m", *COMMON, "hydra/launcher=stacked", setting, "seed=1,2", f"hydra.sweep.dir={tmp_path}")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [said]
+        assert not list(tmp_path.glob("*/results.json"))

@@ -49,6 +49,18 @@ def images(device) -> torch.Tensor:
     return torch.from_numpy(train[:50_000]).to(device)
 
 
+def timed(step, steps: int, device, warmup: int = 5) -> float:
+    """Seconds for `steps` calls of step() after `warmup` untimed ones, the device drained before and after."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def bare_sequential(data, n: int, steps: int, device) -> float:
     """N models trained one after another, each with its own fused Adam: images/s over all of them."""
     loss = Loss()
@@ -67,14 +79,7 @@ def bare_sequential(data, n: int, steps: int, device) -> float:
             objective.backward()
             opt.step()
 
-        for _ in range(5):
-            step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        total += time.perf_counter() - t0
+        total += timed(step, steps, device)
     return n * steps * BATCH / total
 
 
@@ -98,14 +103,7 @@ def bare_stacked(data, n: int, steps: int, device) -> float:
         noise = torch.randn(n, BATCH, 40, device=device)
         stack.train_step(x, noise, weight, hyper, members)
 
-    for _ in range(5):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return n * steps * BATCH / (time.perf_counter() - t0)
+    return n * steps * BATCH / timed(step, steps, device)
 
 
 def app(launcher: list[str], n: int, subset: int, device: str) -> float:

@@ -22,6 +22,13 @@ class StackedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from vaelab.cli.sweeps import launch
+        import sys
 
-        return launch(self, job_overrides, initial_job_idx)
+        from vaelab.cli.sweeps import launch
+        from vaelab.errors import VaelabError
+
+        try:
+            return launch(self, job_overrides, initial_job_idx)
+        except VaelabError as exc:  # a wrong launcher setting: one line, as the app says its own errors
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(1)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.devices import cpu_cores, job_share
 from vaelab.errors import ConfigError
+from vaelab.training.stack import STACKED_OPTIMIZERS
 
 log = logging.getLogger("vaelab")
 
@@ -40,8 +41,6 @@ log = logging.getLogger("vaelab")
 SHAPE_KEYS = ("model", "prior", "posterior", "likelihood", "data.name", "data.batch_size", "data.binarize",
               "data.device", "optim._target_", "trainer.accelerator", "trainer.devices", "trainer.strategy",
               "trainer.num_nodes", "trainer.precision", "trainer.steps_per_execution", "compile", "matmul_precision")
-STACKABLE_OPTIMIZERS = ("torch.optim.Adam", "torch.optim.adam.Adam", "torch.optim.AdamW", "torch.optim.adamw.AdamW",
-                        "vaelab.training.optim.AdamNormGrad")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -72,9 +71,20 @@ def why_alone(cfg: DictConfig) -> str | None:
     if cfg.get("compile"):
         return "compile=true is not stacked"
     target = str(cfg.optim.get("_target_", ""))
-    if target not in STACKABLE_OPTIMIZERS or cfg.optim.get("amsgrad") or cfg.optim.get("maximize"):
+    if _qualified(target) not in STACKED_OPTIMIZERS or cfg.optim.get("amsgrad") or cfg.optim.get("maximize"):
         return f"optim._target_={target} is not stacked (Adam, AdamW and AdamNormGrad are)"
     return None
+
+
+def _qualified(target: str) -> str:
+    """The class a config's _target_ names, by its defining module (torch.optim.Adam is torch.optim.adam.Adam)."""
+    from hydra.utils import get_object
+
+    try:
+        cls = get_object(target)
+    except Exception:  # noqa: BLE001 - a target that does not import: instantiate says so in the job
+        return target
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else target
 
 
 def group_jobs(configs: list[DictConfig]) -> tuple[list[Group], list[str]]:
@@ -176,6 +186,9 @@ def use_job_share(cfg) -> None:
 
 
 def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    stacking_on(launcher.stack, "cpu")  # a wrong setting is refused before any job starts
+    if not isinstance(launcher.max_members, int) or launcher.max_members < 1:
+        raise ConfigError(f"hydra.launcher.max_members={launcher.max_members!r} must be a whole number of at least 1")
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))

@@ -72,7 +72,7 @@ def _decode(path: Path, channels: int | None, size: tuple[int, int] | None):
             img.load()
             mode, shape = img.mode, (img.height, img.width)
             if channels is not None or mode not in ("L", "RGB"):
-                target = MODES.get(channels or (1 if mode in ("1", "L", "I", "I;16", "F") else 3))
+                target = MODES.get(channels or (1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3))
                 img = img.convert(target)
             if size is not None and (img.height, img.width) != size:
                 img = img.resize((size[1], size[0]), Image.BILINEAR)

@@ -221,10 +221,9 @@ class VAEModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.curves.flush(self.loggers, wait=True)
-        self.leave_stack()
 
     def leave_stack(self) -> None:
-        """A member of a stacked sweep leaves its stack when its training ends, however it ends (fit.py)."""
+        """A member of a stacked sweep leaves its stack when its training ends, however it ends (fit.py calls it)."""
         if isinstance(self.engine, StackedEngine):
             self.engine.detach()
 
