@@ -128,3 +128,41 @@ class SignalLauncherAt(L.Callback):
         steps = batch_counts(batch, execution_plan_of(trainer))[0]
         if HydraConfig.get().job.num == self.job and trainer.global_step <= self.step < trainer.global_step + steps:
             os.kill(os.getppid(), self.signum)
+
+
+class StopAt(L.Callback):
+    """Send a real stop signal to this process at one point of a run, named `where`:
+    step:N (the execution holding optimiser step N starts), val:E (a validation batch of epoch E), checkpoint:E
+    (epoch E's validation has ended: its grids are drawn, its checkpoints are about to be saved), epoch_end:E
+    (epoch E's train/ figures are being logged), train_end (training has ended) and test:B (test batch B)."""
+
+    def __init__(self, where: str, signum: int = signal.SIGTERM) -> None:
+        kind, _, at = where.partition(":")
+        self.kind, self.at, self.signum, self.sent = kind, int(at) if at else None, signum, False
+
+    def _send(self, kind: str, at: int | None = None) -> None:
+        if not self.sent and kind == self.kind and at == self.at:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        steps = batch_counts(batch, execution_plan_of(trainer))[0]
+        if self.kind == "step" and trainer.global_step <= self.at < trainer.global_step + steps:
+            self._send("step", self.at)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "fit" and batch_idx == 0:
+            self._send("val", trainer.current_epoch)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._send("checkpoint", trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._send("epoch_end", trainer.current_epoch)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._send("train_end")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send("test", batch_idx)

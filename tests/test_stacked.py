@@ -287,3 +287,21 @@ def test_a_wrong_launcher_setting_is_one_line_before_any_job(tmp_path, fashion_m
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [said]
         assert not list(tmp_path.glob("*/results.json"))
+
+
+def test_a_stacked_sweep_in_its_default_directories_resumes_in_them(tmp_path, fashion_mnist):
+    """No hydra.sweep.dir: the launcher's dated sweep directory is every member's, so a stop signal to the launcher
+    followed by the same command with resume=auto continues the same member runs, in that one directory."""
+    logs = tmp_path / "logs"
+    stop = [*STACKED, "seed=1,2", "trainer.max_epochs=1", "test=false", "logger=csv", f"paths.log_dir={logs}",
+            "trainer.steps_per_execution=2", "+callbacks.stop._target_=fault_callbacks.SignalLauncherAt"]
+    first = run_app("-m", *COMMON, *stop, "+callbacks.stop.step=3", timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (sweep_dir,) = (logs / "multirun").iterdir()  # one directory for the sweep, members included
+    states = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
+    assert [r["status"] for r in states] == ["preempted"] * 2, states
+    resumed = run_app("-m", *COMMON, *stop, "+callbacks.stop.step=3", "resume=auto", timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [p.name for p in (logs / "multirun").iterdir()] == [sweep_dir.name]
+    done = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
+    assert [(r["status"], r["preemptions"], r["global_step"]) for r in done] == [("finished", 1, 8)] * 2, done

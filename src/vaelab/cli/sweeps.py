@@ -199,6 +199,9 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         with open_dict(cfg):
             cfg.hydra.job.id = f"{cfg.hydra.job.name}_{initial_job_idx + j}"
             cfg.hydra.job.num = initial_job_idx + j
+            # the sweep's directory as this process resolved it: a member's process would resolve it again, from its
+            # own overrides and start time (a new dated directory each, which resume=auto could never find)
+            cfg.hydra.sweep.dir = str(sweep_dir)
         configs.append(cfg)
     groups, notes = group_jobs(configs)
     for note in notes:

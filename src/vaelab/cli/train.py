@@ -29,7 +29,7 @@ from vaelab.cli.sweeps import use_job_share
 from vaelab.console import say
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, VaelabError, run_or_explain
-from vaelab.training.callbacks import Preempted
+from vaelab.training.callbacks import Preempted, Preemption
 from vaelab.training.checkpoints import AtomicCheckpointIO, check_fits, remove_temporaries
 from vaelab.training.fit import fit
 from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
 
     t0 = time.perf_counter()
-    stop = fit(trainer, module, datamodule, ckpt_path)
+    stop = fit(trainer, module, datamodule, ckpt_path) or finish_training(trainer, module)
     state.train_time_s += time.perf_counter() - t0
     if stop is not None:
         return preempted(stop, trainer, loggers, state, out_dir)
@@ -82,6 +82,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_summary(results, out_dir, wandb_dir)
     loggers.finish()
     return results
+
+
+def finish_training(trainer: L.Trainer, module) -> Preempted | None:
+    """Once training has ended: save it whole (last.ckpt with its loops complete), so that a stop from here on
+    resumes to the test phase; a stop signal that came since the last step is that stop (phase "test")."""
+    preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)
+    if preemption is None:
+        return None
+    preemption.watch()  # Lightning's fit restored its own handlers: signals from here on still only raise the flag
+    preemption.save_finished(trainer, module)
+    if not preemption.agreed(trainer, module):
+        return None
+    return Preempted(preemption.signal_name or "SIGTERM", trainer.current_epoch, trainer.global_step, preemption.path,
+                     preemption.requeue_handler(), phase="test")
 
 
 def test_only(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:

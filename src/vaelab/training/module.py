@@ -114,6 +114,8 @@ class VAEModule(L.LightningModule):
         self.execution_plan: ExecutionPlan | None = None  # resolved with the device, in configure_optimizers
         self.engine: StepEngine | None = None
         self.steps_per_epoch = 1  # optimiser steps per training epoch, set at every fit's and epoch's start
+        self.restored_metrics: dict[str, float] = {}  # the metrics logged before the checkpoint a fit resumed from
+        self.training_finished = False  # set in the checkpoint saved once training has ended (Preemption)
         layers = len(model.latent_dims)
         self.curves = StepCurves()
         self.train_means = ElboMeans(layers)
@@ -181,6 +183,15 @@ class VAEModule(L.LightningModule):
             self.engine.nonfinite.raise_if_any()
 
     # -- epochs, validation, test ------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # Lightning keeps no logged metric in a checkpoint: a resumed fit starts with those logged before its
+        # checkpoint, as the uninterrupted run has them (ModelCheckpoint's and EarlyStopping's monitor, after a
+        # stop saved between an epoch's validation and its end; results.json after a stop in the test phase)
+        metrics = self.trainer.callback_metrics
+        for key, value in self.restored_metrics.items():
+            metrics.setdefault(key, torch.tensor(value))
+        self.restored_metrics = {}
+
     def on_train_start(self) -> None:
         # a fit resumed mid-epoch skips on_train_epoch_start for that epoch (Lightning's fit loop), and KL warm-up
         # reads steps_per_epoch at every step: it is counted here, at every fit's start, and again each epoch
@@ -226,6 +237,15 @@ class VAEModule(L.LightningModule):
         """A member of a stacked sweep leaves its stack when its training ends, however it ends (fit.py calls it)."""
         if isinstance(self.engine, StackedEngine):
             self.engine.detach()
+
+    def on_validation_end(self) -> None:
+        # Lightning runs the module's hook after every callback's, and sorts ModelCheckpoint last among those: here
+        # an epoch's validation, grids and checkpoints are done, the point a stop after its last step is saved at
+        from vaelab.training.callbacks.preemption import Preemption
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Preemption):
+                callback.stop_after_validation(self.trainer, self)
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
         self.val_metrics.update(self.model, x)
@@ -300,6 +320,12 @@ class VAEModule(L.LightningModule):
         spec = self.model.spec()
         if spec is not None:  # the model as plain data: load_model and load_from_checkpoint rebuild it
             checkpoint["vaelab_model"] = spec
+        if self._trainer is not None:  # what was logged so far: a resumed run reports it for epochs it did not redo
+            checkpoint["vaelab_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                                            if isinstance(v, (int, float, Tensor)) and torch.as_tensor(v).numel() == 1}
+            if self.training_finished:  # training ended (max_epochs, max_steps or early stopping) at these limits
+                checkpoint["vaelab_training_finished"] = {"max_epochs": self.trainer.max_epochs,
+                                                          "max_steps": self.trainer.max_steps}
         # the generators behind reparameterisation noise: a resumed run draws what an unbroken one would
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -308,6 +334,12 @@ class VAEModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is None:  # loaded as a model (load_from_checkpoint), not resumed: leave the RNG alone
             return
+        self.restored_metrics = dict(checkpoint.get("vaelab_metrics", {}))
+        limits = checkpoint.get("vaelab_training_finished")
+        if limits == {"max_epochs": self.trainer.max_epochs, "max_steps": self.trainer.max_steps}:
+            # training had ended under these limits (early stopping too, whose stop flag no checkpoint keeps): the
+            # resumed fit trains nothing and the run goes on to its test phase
+            self.trainer.should_stop = True
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():

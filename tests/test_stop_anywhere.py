@@ -1,0 +1,84 @@
+"""A stop at any step, in any phase, resumed, is the same run: a tiny run (3 epochs of 4 optimiser steps, signal
+checks every step, grids every epoch, KL warm-up and a cosine schedule, so that a repeated or skipped epoch end
+shows) is stopped by a real signal to this process at every step in turn and at each phase boundary (in
+validation, as its checkpoints are saved, at the epoch's end, after training, in the test phase), resumed with
+resume=auto, and compared with the uninterrupted run: every metric of results.json, and every row of
+metrics.csv, each epoch once. In-process (train() on the composed config) to fit the test budget; the boundary
+cases run once more as real processes of the app in test_saves.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import compose
+
+TINY_RUN = ["data.subset=200", "data.batch_size=50", "data.eval_batch_size=100", "trainer.max_epochs=3",
+            "trainer.steps_per_execution=1", "callbacks.preemption.check_every_n_steps=1", "eval.importance_samples=8",
+            "trainer.enable_progress_bar=false", "callbacks.image_grids.every_n_epochs=1",
+            "callbacks.image_grids.num_samples=4", "callbacks.image_grids.num_reconstructions=4",
+            "loss.warmup_epochs=2", "scheduler=cosine", "trainer.log_every_n_steps=1", "model.hidden_dim=32",
+            "model.latent_dim=4", "logger=csv", "extras.print_config=false"]
+SIGNALS = [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT]
+STOPS = ([f"step:{s}" for s in range(12)] + [f"val:{e}" for e in range(3)] + [f"checkpoint:{e}" for e in range(3)]
+         + [f"epoch_end:{e}" for e in range(3)] + ["train_end", "test:0", "test:1"])
+_WHOLE: dict = {}
+
+
+def train_tiny(out: Path, root: Path, *extra: str) -> dict:
+    from vaelab.cli.train import train
+
+    return train(compose(*TINY_RUN, f"paths.output_dir={out}", f"data.root={root}", *extra))
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows, without the wall-clock figures (perf/)."""
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in r.items() if v and not k.startswith("perf/")} for r in csv.DictReader(f)]
+
+
+def whole(tmp_path_factory, root: Path) -> tuple[dict, list[dict]]:
+    if not _WHOLE:
+        out = tmp_path_factory.mktemp("whole") / "run"
+        _WHOLE.update(results=train_tiny(out, root), rows=rows(out))
+    return _WHOLE["results"], _WHOLE["rows"]
+
+
+@pytest.mark.parametrize("where", STOPS)
+def test_a_stop_anywhere_resumes_to_the_uninterrupted_run(where, tmp_path, tmp_path_factory, fashion_mnist,
+                                                          monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    signum = SIGNALS[STOPS.index(where) % len(SIGNALS)]
+    out = tmp_path / "run"
+    stopped = train_tiny(out, fashion_mnist, "+callbacks.stop._target_=fault_callbacks.StopAt",
+                         f"+callbacks.stop.where={where}", f"+callbacks.stop.signum={int(signum)}")
+    assert stopped["status"] == "preempted" and stopped["signal"] == signal.Signals(signum).name, stopped
+    # where it was saved: inside an epoch at the end of the step; after an epoch's last step or in its validation,
+    # once validation and its checkpoints are done; after the last epoch's validation, in the test phase
+    kind, _, at = where.partition(":")
+    saved_at = {"step": lambda n: n + 1, "val": lambda e: 4 * (e + 1),
+                "checkpoint": lambda e: 4 * (e + 1), "epoch_end": lambda e: 4 * (e + 1) + 1}
+    want_phase = "test" if kind in ("train_end", "test") or where == "epoch_end:2" else "train"
+    assert stopped["phase"] == want_phase, stopped
+    if want_phase == "train":
+        assert stopped["global_step"] == saved_at[kind](int(at)), stopped
+    assert json.loads((out / "results.json").read_text())["status"] == "preempted"
+
+    resumed = train_tiny(out, fashion_mnist, "resume=auto")
+    ref, ref_rows = whole(tmp_path_factory, fashion_mnist)
+    assert resumed["status"] == "finished" and resumed["preemptions"] == 1
+    assert (resumed["epochs"], resumed["global_step"]) == (ref["epochs"], ref["global_step"]) == (3, 12)
+    assert resumed["metrics"].keys() == ref["metrics"].keys()
+    for key, value in ref["metrics"].items():
+        if not key.startswith("perf/"):
+            assert math.isclose(resumed["metrics"][key], value, rel_tol=1e-4, abs_tol=1e-6), (key, value,
+                                                                                              resumed["metrics"][key])
+    got = rows(out)
+    assert got == ref_rows, [r for r in got if r not in ref_rows] + [r for r in ref_rows if r not in got]
+    epochs = [r["epoch"] for r in got if "train/loss" in r]
+    assert epochs == ["0", "1", "2"]  # each epoch's train/ row once
+    assert Path(resumed["best_checkpoint"]).name == Path(ref["best_checkpoint"]).name
