@@ -89,8 +89,11 @@ class FillDiskAt(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
-            with open(os.path.join(self.path, "filler"), "wb") as f:
-                f.write(b"\0" * max(0, free - self.leave))
+            try:
+                with open(os.path.join(self.path, "filler"), "xb") as f:
+                    f.write(b"\0" * max(0, free - self.leave))
+            except (FileExistsError, OSError):  # another run of the sweep filled the disk first: it is full
+                pass
 
 
 class SignalAtTest(L.Callback):
@@ -134,9 +137,15 @@ class StopAt(L.Callback):
     """Send a real stop signal to this process at one point of a run, named `where`:
     step:N (the execution holding optimiser step N starts), val:E (a validation batch of epoch E), checkpoint:E
     (epoch E's validation has ended: its grids are drawn, its checkpoints are about to be saved), epoch_end:E
-    (epoch E's train/ figures are being logged), train_end (training has ended) and test:B (test batch B)."""
+    (epoch E's train/ figures are being logged), train_end (training has ended) and test:B (test batch B).
+    In a sweep, `where` may be a list: job i stops at where[i] (none past its end)."""
 
-    def __init__(self, where: str, signum: int = signal.SIGTERM) -> None:
+    def __init__(self, where, signum: int = signal.SIGTERM) -> None:
+        if not isinstance(where, str):
+            from hydra.core.hydra_config import HydraConfig
+
+            num = int(HydraConfig.get().job.num)
+            where = where[num] if num < len(where) else "never"
         kind, _, at = where.partition(":")
         self.kind, self.at, self.signum, self.sent = kind, int(at) if at else None, signum, False
 
@@ -166,3 +175,26 @@ class StopAt(L.Callback):
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._send("test", batch_idx)
+
+
+class StallAt(L.Callback):
+    """In sweep job `job`: before optimiser step `step`, stall (a member busy elsewhere: a long validation, a slow
+    disk) for up to `seconds`, until a stop signal reaches this process."""
+
+    def __init__(self, step: int, seconds: float = 60.0, job: int = 1) -> None:
+        self.step, self.seconds, self.job, self.done = step, seconds, job, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        from hydra.core.hydra_config import HydraConfig
+
+        from vaelab.training.callbacks import Preemption
+
+        if self.done or HydraConfig.get().job.num != self.job or trainer.global_step < self.step:
+            return
+        self.done = True
+        watch = [c for c in trainer.callbacks if isinstance(c, Preemption)]
+        until = time.monotonic() + self.seconds
+        while time.monotonic() < until and not any(c.signal_name for c in watch):
+            time.sleep(0.05)

@@ -211,3 +211,29 @@ def test_an_unwritable_checkpoint_folder_is_one_line_never_a_false_saved(small_f
     assert "saved" not in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 8  # the good one, as it was
+
+
+@pytest.mark.parametrize("launcher", ["basic", "stacked"])
+def test_a_full_disk_in_a_sweep_ends_it_non_zero_and_keeps_every_row_logged(launcher, small_fs, fashion_mnist):
+    """A full disk is no configuration's fault: the sweep stops with a non-zero exit (one line per run that met it),
+    as a run alone does, and metrics.csv keeps every row logged before the failing save (epoch 0's train/ and val/
+    rows, epoch 1's steps and validation)."""
+    stacked = ["hydra/launcher=stacked", "hydra.launcher.stack=true"] if launcher == "stacked" else []
+    sweep_dir = small_fs / "sweep"
+    proc = run_app("-m", *TINY, "logger=csv", "trainer.max_epochs=3", "seed=1,2", f"hydra.sweep.dir={sweep_dir}",
+                   *stacked, "+callbacks.fill._target_=fault_callbacks.FillDiskAt", f"+callbacks.fill.path={small_fs}",
+                   "+callbacks.fill.epoch=1", "extras.print_config=false")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    # the basic launcher stops at the first job; a stack's members meet the full disk together, one line each
+    assert len(errors) == (2 if stacked else 1), errors
+    assert all(e.startswith(f"error: no space left on {small_fs} while saving ") for e in errors), errors
+    assert not (sweep_dir / "1").exists() or stacked
+    for job in [sweep_dir / str(i) for i in range(len(errors))]:
+        with open(job / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["epoch"] for r in rows if r["train/loss"]] == ["0"]  # epoch 1's failed before its end was logged
+        assert [r["epoch"] for r in rows if r["val/loss"]] == ["0", "1"]
+        assert {r["step"] for r in rows if r["train_step/loss"]} >= {"1", "3", "5", "7"}  # log_every_n_steps=2
+        assert (job / "checkpoints" / "epoch_000.ckpt").is_file()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,110 @@ def test_a_stacked_sweep_in_its_default_directories_resumes_in_them(tmp_path, fa
     assert [p.name for p in (logs / "multirun").iterdir()] == [sweep_dir.name]
     done = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
     assert [(r["status"], r["preemptions"], r["global_step"]) for r in done] == [("finished", 1, 8)] * 2, done
+
+
+@pytest.fixture
+def two_shapes(tmp_path, fashion_mnist):
+    """Fashion-MNIST's first images as two .npz files: 28x28, and padded to 32x32. No config key tells them apart."""
+    import numpy as np
+
+    from vaelab.data import load_images
+
+    train, test = load_images("fashion_mnist", fashion_mnist, download=False)
+    np.savez(tmp_path / "a28.npz", train=train[:300, 0], test=test[:100, 0])
+    pad = ((0, 0), (2, 2), (2, 2))
+    np.savez(tmp_path / "b32.npz", train=np.pad(train[:300, 0], pad), test=np.pad(test[:100, 0], pad))
+    return tmp_path / "a28.npz", tmp_path / "b32.npz"
+
+
+def test_jobs_whose_built_models_differ_never_share_a_stack(tmp_path, two_shapes):
+    """Grouping reads what each job builds (the data's image shape and the model's spec), not only config keys:
+    two .npz files of 28x28 and 32x32 images are two stacks, said in one line, and the sweep finishes."""
+    from vaelab.cli.sweeps import built_key
+
+    configs = [compose("data=arrays", f"data.path={p}") for p in two_shapes]
+    built = [built_key(c) for c in configs]
+    assert [b[0]["image_shape"] for b in built] == [[1, 28, 28], [1, 32, 32]] and [b[1] for b in built] == [None] * 2
+    groups, notes = group_jobs(configs, built)
+    assert [g.jobs for g in groups] == [[0], [1]]
+    assert notes == ["stacked launcher: the data's image shape differs between jobs (1x28x28, 1x32x32): one stack "
+                     "for each value"]
+    # a job that cannot be built here (a missing file) runs alone, where its own run says what is wrong
+    configs.append(compose("data=arrays", f"data.path={tmp_path / 'missing.npz'}"))
+    groups, notes = group_jobs(configs, [*built, built_key(configs[-1])])
+    assert groups[-1].jobs == [2] and "missing.npz is not a file" in groups[-1].alone
+
+    proc = run_app("-m", *COMMON, *STACKED, "data=arrays", f"data.path={two_shapes[0]},{two_shapes[1]}",
+                   "data.val_size=50", "trainer.max_epochs=1", "test=false", "logger=csv",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the data's image shape differs between jobs (1x28x28, 1x32x32)" in proc.stdout + proc.stderr
+    results = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [(r["status"], r["num_parameters"]) for r in results] == [("finished", 1_116_864), ("finished", 1_333_104)]
+
+
+def test_a_member_that_built_another_model_is_refused_in_one_sentence():
+    """The stack server's own check, behind the grouping: a member whose model, image shape, batch or optimiser
+    differs from its stack's is refused, naming both members and what differs, and never joins (no hang)."""
+    from vaelab.training.stack_server import RETIRED, StackServer
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.sent = []
+
+        def send(self, message) -> None:
+            self.sent.append(message)
+
+    def member(shape, batch=50):
+        spec = {"model": {"_target_": "vaelab.models.vae.VAE", "image_shape": shape}}
+        return {"spec": spec, "image_shape": shape, "batch": batch, "steps": 1, "optimizer": "adam"}
+
+    server = StackServer([Pipe(), Pipe()], names=["member 0 (a)", "member 1 (b)"])
+    assert server._refusal(0, member([1, 28, 28])) is None
+    said = server._refusal(1, member([1, 32, 32], batch=100))
+    assert said.startswith("member 1 (b) cannot join the stack of member 0 (a): its model, image shape, batch size "
+                           "differ (image shape 1x32x32 against 1x28x28; batch size 100 against 50)"), said
+    assert server._refusal(1, member([1, 28, 28])) is None
+    server.conns[1].recv = lambda: ("register", member([1, 32, 32]))
+    server._receive(1)
+    assert server.conns[1].sent[0][0] == "refused" and server.status[1] == RETIRED
+    from vaelab.training.stack_member import StackedEngine, StackError
+
+    engine = StackedEngine.__new__(StackedEngine)
+    engine.conn = type("Conn", (), {"recv": lambda self: server.conns[1].sent[0]})()
+    with pytest.raises(StackError, match="cannot join the stack"):
+        engine._receive()
+
+
+def test_a_killed_launcher_costs_each_member_one_line(tmp_path, fashion_mnist):
+    """SIGKILL to the launching process mid-training: each member says in one line that its server has gone, with
+    no traceback, and its checkpoints stay whole for resume=auto."""
+    proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", "+callbacks.stop._target_=fault_callbacks.SignalLauncherAt",
+                   "+callbacks.stop.step=10", f"+callbacks.stop.signum={int(signal.SIGKILL)}", timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "Error" not in out.replace("error:", ""), out[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert errors == ["error: the sweep's stack server has gone (its process ended); the checkpoints saved so far "
+                      "are whole: rerun the sweep with resume=auto"] * 2, errors
+    resumed = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv", "resume=auto",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [(r["status"], r["global_step"]) for r in done] == [("finished", 16)] * 2
+
+
+def test_a_member_that_holds_up_its_stack_is_named_and_stopped(tmp_path, fashion_mnist):
+    """A member that neither steps nor leaves for hydra.launcher.member_timeout seconds while the other waits is
+    named in one line and sent SIGTERM: it saves and stops (preempted), and the other finishes."""
+    proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=1", "test=false", "logger=csv",
+                   "trainer.steps_per_execution=1", "hydra.launcher.member_timeout=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   "+callbacks.stall._target_=fault_callbacks.StallAt", "+callbacks.stall.step=3",
+                   "+callbacks.stall.seconds=120", timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "neither asked for a step" in ln]
+    print(proc.stdout[-4000:], proc.stderr[-3000:])
+    assert len(said) == 1 and f"member 1 ({tmp_path / 'sweep' / '1'})" in said[0] and "SIGTERM" in said[0], said
+    done = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [r["status"] for r in done] == ["finished", "preempted"] and done[1]["global_step"] == 4, done

@@ -82,3 +82,57 @@ def test_a_stop_anywhere_resumes_to_the_uninterrupted_run(where, tmp_path, tmp_p
     epochs = [r["epoch"] for r in got if "train/loss" in r]
     assert epochs == ["0", "1", "2"]  # each epoch's train/ row once
     assert Path(resumed["best_checkpoint"]).name == Path(ref["best_checkpoint"]).name
+
+
+# A 2-member stacked sweep (seeds 1 and 2, one process each, the launcher's stack server running their steps), each
+# member stopped at its own point by a real signal to its own process, then the same command with resume=auto: the
+# points that differ for a stacked member (an epoch's last step, validation, checkpoints, epoch end, after training,
+# the test phase, and mid-epoch, where the other member goes on alone in the stack).
+STACKED_STOPS = [("step:3", "val:1"), ("checkpoint:0", "test:0"), ("epoch_end:1", "step:6"), ("train_end", "step:11")]
+STACKED_SWEEP = ["-m", *TINY_RUN, "hydra/launcher=stacked", "hydra.launcher.stack=true", "seed=1,2"]
+_STACKED: dict = {}
+
+
+def stacked_sweep(sweep_dir: Path, *extra: str) -> dict[int, tuple[dict, list[dict]]]:
+    """Run the stacked sweep; results.json and metrics.csv rows of each member, by seed."""
+    from conftest import run_app
+
+    proc = run_app(*STACKED_SWEEP, f"hydra.sweep.dir={sweep_dir}", *extra, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    return {i + 1: (json.loads((sweep_dir / str(i) / "results.json").read_text()), rows(sweep_dir / str(i)))
+            for i in range(2)}
+
+
+def assert_rows_close(got: list[dict], want: list[dict]) -> None:
+    """The same rows (epoch, step and keys) with the same figures to 1e-4: a member's stacked step is a vmapped
+    batch whose numerics may differ in the last bits with what else is in the stack at that step."""
+    assert [(r["epoch"], r["step"], sorted(r)) for r in got] == [(r["epoch"], r["step"], sorted(r)) for r in want]
+    for a, b in zip(got, want):
+        for key in b:
+            assert math.isclose(float(a[key]), float(b[key]), rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
+
+
+@pytest.mark.parametrize("stops", STACKED_STOPS, ids=["-".join(s) for s in STACKED_STOPS])
+def test_stacked_members_stopped_anywhere_resume_to_the_uninterrupted_sweep(stops, tmp_path, tmp_path_factory,
+                                                                             fashion_mnist):
+    if not _STACKED:
+        _STACKED.update(stacked_sweep(tmp_path_factory.mktemp("stacked") / "whole"))
+    signum = SIGNALS[STACKED_STOPS.index(stops) % len(SIGNALS)]
+    sweep_dir = tmp_path / "sweep"
+    where = "[" + ",".join(f'"{s}"' for s in stops) + "]"
+    stopped = stacked_sweep(sweep_dir, "+callbacks.stop._target_=fault_callbacks.StopAt",
+                            f"+callbacks.stop.where={where}", f"+callbacks.stop.signum={int(signum)}")
+    assert [r["status"] for r, _ in stopped.values()] == ["preempted", "preempted"], stopped
+    resumed = stacked_sweep(sweep_dir, "resume=auto")
+    for seed, (results, got_rows) in resumed.items():
+        ref, ref_rows = _STACKED[seed]
+        assert results["status"] == "finished" and results["preemptions"] == 1, results
+        assert (results["epochs"], results["global_step"]) == (ref["epochs"], ref["global_step"]) == (3, 12)
+        assert results["metrics"].keys() == ref["metrics"].keys()
+        for key, value in ref["metrics"].items():
+            if not key.startswith("perf/"):
+                assert math.isclose(results["metrics"][key], value, rel_tol=1e-4, abs_tol=1e-6), (seed, key)
+        assert_rows_close(got_rows, ref_rows)
+        assert [r["epoch"] for r in got_rows if "train/loss" in r] == ["0", "1", "2"]
+        assert Path(results["best_checkpoint"]).name == Path(ref["best_checkpoint"]).name

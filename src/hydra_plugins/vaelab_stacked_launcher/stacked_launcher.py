@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 
 class StackedLauncher(Launcher):
-    def __init__(self, stack: str | bool = "auto", max_members: int = 64) -> None:
-        self.stack, self.max_members = stack, max_members
+    def __init__(self, stack: str | bool = "auto", max_members: int = 64, member_timeout: float = 600) -> None:
+        self.stack, self.max_members, self.member_timeout = stack, max_members, member_timeout
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -29,6 +29,6 @@ class StackedLauncher(Launcher):
 
         try:
             return launch(self, job_overrides, initial_job_idx)
-        except VaelabError as exc:  # a wrong launcher setting: one line, as the app says its own errors
+        except VaelabError as exc:  # a wrong launcher setting, a failed stack server: one line, as the app says its own errors
             print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(1)

@@ -30,10 +30,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.devices import cpu_cores, job_share
-from vaelab.errors import ConfigError
+from vaelab.errors import ConfigError, VaelabError
 from vaelab.training.stack import STACKED_OPTIMIZERS
 
 log = logging.getLogger("vaelab")
+
+
+class StackError(VaelabError):
+    """A stack that cannot go on (its server failed): said in one line by the launcher."""
 
 # The config that fixes a member's tensor shapes and code: jobs that agree on all of it train as one stack. Every
 # other key (seed, loss.*, optim.lr and weight_decay, trainer.max_epochs and max_steps, callbacks, loggers, eval,
@@ -87,11 +91,45 @@ def _qualified(target: str) -> str:
     return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else target
 
 
-def group_jobs(configs: list[DictConfig]) -> tuple[list[Group], list[str]]:
-    """The jobs, grouped by shape key in order of first appearance; and a line for each key that split them."""
+def built_key(cfg: DictConfig, shapes: dict | None = None) -> tuple[dict, str | None]:
+    """What a job builds: its data's image shape [C, H, W] and its model as plain data (the spec a checkpoint
+    stores), built on the meta device (no memory). Jobs stack only when these agree, whatever their configs say
+    (two .npz files of 28x28 and 32x32 images differ in no shape key). Returns (key, why the job trains alone):
+    a job whose data or model cannot be built here (a missing data set, a bad value) runs alone, where its own run
+    says what is wrong in one line. `shapes` caches image shapes by data config across the jobs of a sweep."""
+    from vaelab.cli.config import build, build_model
+
+    shapes = {} if shapes is None else shapes
+    try:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        cache_key = json.dumps(data, sort_keys=True, default=str)
+        if cache_key not in shapes:
+            shapes[cache_key] = tuple(build(cfg.data).find_image_shape())
+        shape = shapes[cache_key]
+        with torch.device("meta"):
+            model = build_model(cfg, shape)
+    except Exception as exc:  # noqa: BLE001 - said by the job's own run, which builds the same things
+        return {"image_shape": None, "spec": None}, f"its data or model could not be built here ({_first_line(exc)})"
+    spec = model.spec()
+    if spec is None:
+        return {"image_shape": list(shape), "spec": None}, "its model has parts no spec describes (a custom part)"
+    return {"image_shape": list(shape), "spec": json.loads(json.dumps(spec, default=str))}, None
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
+def group_jobs(configs: list[DictConfig], built: list[tuple[dict, str | None]] | None = None
+               ) -> tuple[list[Group], list[str]]:
+    """The jobs, grouped by shape key and by what they build (built_key) in order of first appearance; and a line
+    for each key that split them."""
     groups: list[Group] = []
     for j, cfg in enumerate(configs):
-        key, alone = shape_key(cfg), why_alone(cfg)
+        made, unbuilt = built[j] if built is not None else ({}, None)
+        key, alone = {**shape_key(cfg), **made}, why_alone(cfg) or unbuilt
         match = next((g for g in groups if g.key == key and g.alone is None and alone is None), None)
         if match is None:
             groups.append(Group([j], key, alone))
@@ -109,6 +147,11 @@ def group_jobs(configs: list[DictConfig]) -> tuple[list[Group], list[str]]:
             for leaf in dict.fromkeys(k for one in leaves for k in one):
                 if len({json.dumps(one.get(leaf), sort_keys=True, default=str) for one in leaves}) > 1:
                     notes.append(_split_note(leaf, [one.get(leaf) for one in leaves]))
+    shapes = {json.dumps(g.key.get("image_shape")): g.key.get("image_shape") for g in stackable}
+    if len(shapes) > 1:
+        notes.append(_split_note("the data's image shape", ["x".join(map(str, s)) for s in shapes.values() if s]))
+    if not notes and len(stackable) > 1:  # the same configs built different models (a value resolved at build time)
+        notes.append("stacked launcher: the built models differ between jobs: one stack for each")
     for g in groups:
         if g.alone:
             notes.append(f"stacked launcher: job {', '.join(map(str, g.jobs))} runs alone: {g.alone}")
@@ -189,6 +232,9 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     stacking_on(launcher.stack, "cpu")  # a wrong setting is refused before any job starts
     if not isinstance(launcher.max_members, int) or launcher.max_members < 1:
         raise ConfigError(f"hydra.launcher.max_members={launcher.max_members!r} must be a whole number of at least 1")
+    timeout = launcher.member_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ConfigError(f"hydra.launcher.member_timeout={timeout!r} must be a number of seconds greater than 0")
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
@@ -203,7 +249,8 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
             # own overrides and start time (a new dated directory each, which resume=auto could never find)
             cfg.hydra.sweep.dir = str(sweep_dir)
         configs.append(cfg)
-    groups, notes = group_jobs(configs)
+    shapes: dict = {}
+    groups, notes = group_jobs(configs, [built_key(cfg, shapes) for cfg in configs])
     for note in notes:
         log.info(note)
     returns: list[JobReturn | None] = [None] * len(configs)
@@ -263,27 +310,50 @@ def run_stack(launcher, configs: list[DictConfig], device: str) -> list[JobRetur
         signal.signal(sig, forward)
     torch.set_num_threads(cpu_cores())
     exits: dict[int, object] = {}
+    names = [f"member {cfg.hydra.job.num} ({Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)})"
+             for cfg in configs]
+
+    def stuck(i: int, kill: bool) -> None:
+        if procs[i].is_alive():
+            os.kill(procs[i].pid, signal.SIGKILL if kill else signal.SIGTERM)
+
+    server = StackServer(conns, device, on_message=lambda i, m: exits.update({i: m[1]}), names=names,
+                         member_timeout=float(launcher.member_timeout), on_stuck=stuck)
+    broken = None
     try:
-        results = StackServer(conns, device, on_message=lambda i, m: exits.update({i: m[1]})).serve()
+        results = server.serve()
+    except Exception as exc:  # noqa: BLE001 - the server's own fault: every member hears it, none waits on it
+        broken, results = exc, [None] * len(configs)
+        for conn in conns:
+            conn.close()  # each member's next step finds its server gone: one line, its checkpoints whole
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for proc in procs:
             proc.join()
+    if broken is not None:
+        raise StackError(f"the stack server failed ({type(broken).__name__}: {broken}); the members stopped with "
+                         "their checkpoints whole: rerun the sweep with resume=auto, or with "
+                         "hydra.launcher.stack=false") from None
+    return stack_ended(names, procs, exits, results)
+
+
+def stack_ended(names: list[str], procs: list, exits: dict[int, object], results: list) -> list[JobReturn]:
+    """How a stack's members ended, as the launcher says it: each job's return, or one line and the sweep's exit
+    (1 when a member failed or died, as a run alone exits; 0 when members were stopped by a signal and saved)."""
+    failed = [names[i] for i, code in sorted(exits.items()) if code not in (0, None)]
+    # a member's process that ended before it could say how its job ended (killed, say)
+    failed += [f"{names[i]} (exit code {procs[i].exitcode}, before its job finished)"
+               for i, ret in enumerate(results) if ret is None and i not in exits]
+    if failed:  # a member's own error (a full disk, say) is said in its own line: the sweep fails, as a solo run does
+        log.error("stacked launcher: %s ended with an error; the checkpoints saved are whole and the other "
+                  "members' runs are kept: rerun the sweep with resume=auto once it is fixed", "; ".join(failed))
+        raise SystemExit(1)
     if exits:  # as vaelab-train alone: stopped by a signal, each stopped member's checkpoint saved, exit 0
         log.info("stacked launcher: %d of %d members stopped by a signal and saved their checkpoints; run the same "
-                 "command with resume=auto to continue them", len(exits), len(configs))
+                 "command with resume=auto to continue them", len(exits), len(procs))
         raise SystemExit(0)
-    returns = []
-    for cfg, proc, ret in zip(configs, procs, results):
-        if ret is None:  # the member's process died before it could say how its job ended
-            ret = JobReturn(overrides=list(cfg.hydra.overrides.task), cfg=cfg, hydra_cfg=None,
-                            working_dir=str(cfg.hydra.sweep.dir), task_name=cfg.hydra.job.name,
-                            status=JobStatus.FAILED)
-            ret._return_value = RuntimeError(f"stacked sweep member {cfg.hydra.job.num} ended with exit code "
-                                             f"{proc.exitcode} before its job finished")
-        returns.append(ret)
-    return returns
+    return results
 
 
 def member_main(conn, job: bytes) -> None:
@@ -303,16 +373,23 @@ def member_main(conn, job: bytes) -> None:
     try:
         ret = run_job(hydra_context=hydra_context, task_function=task, config=cfg, job_dir_key="hydra.sweep.dir",
                       job_subdir_key="hydra.sweep.subdir")
-    except SystemExit as stop:  # vaelab-train's way out after a stop signal: the run saved its checkpoint
-        conn.send(("exit", stop.code))
-        conn.close()
+    except SystemExit as stop:  # vaelab-train's way out: a stop signal (its checkpoint saved) or its error, said
+        _tell(conn, ("exit", stop.code))
         raise
+    # how the job ended, without Hydra's config objects (not all of them pickle)
+    status = JobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=None, working_dir=ret.working_dir,
+                       task_name=ret.task_name, status=ret.status)
+    status._return_value = ret._return_value if ret.status == JobStatus.COMPLETED else RuntimeError(
+        str(ret._return_value))
+    if not _tell(conn, ("result", status)):
+        raise SystemExit(1)  # the launcher has gone: this member said so in its one line already
+
+
+def _tell(conn, message) -> bool:
+    """Send the launcher how this member ended; False when it has gone (killed: nobody is left to hear it)."""
     try:
-        conn.send(("result", ret))
-    except Exception:  # noqa: BLE001 - an unpicklable return value: say how the job ended without it
-        status = JobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=None, working_dir=ret.working_dir,
-                           task_name=ret.task_name, status=ret.status)
-        status._return_value = ret._return_value if ret.status == JobStatus.COMPLETED else RuntimeError(
-            str(ret._return_value))
-        conn.send(("result", status))
-    conn.close()
+        conn.send(message)
+        conn.close()
+        return True
+    except (OSError, EOFError):
+        return False

@@ -28,7 +28,7 @@ from vaelab.cli.rundirs import RunState, finished, resume_from, save_json
 from vaelab.cli.sweeps import use_job_share
 from vaelab.console import say
 from vaelab.devices import matmul_precision
-from vaelab.errors import ConfigError, VaelabError, run_or_explain
+from vaelab.errors import ConfigError, SaveError, VaelabError, run_or_explain
 from vaelab.training.callbacks import Preempted, Preemption
 from vaelab.training.checkpoints import AtomicCheckpointIO, check_fits, remove_temporaries
 from vaelab.training.fit import fit
@@ -333,13 +333,15 @@ def objective(results: dict, name: str | None) -> float | None:
 
 def failed_in_sweep(cfg: DictConfig, exc: VaelabError) -> float | None:
     """After a run's one-line error: end its W&B run; in a sweep, record the failure (results.json) and give
-    sweepers the worst value, so that one bad configuration does not end the others."""
+    sweepers the worst value, so that one bad configuration does not end the others. A file that cannot be saved
+    (a full disk, a read-only directory) is no configuration's fault and would fail every job after it: it ends the
+    sweep, with a non-zero exit, as it ends a run alone."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     logging.getLogger("vaelab.console").error("error: %s", exc)  # train.log only: stderr has the line already
     finish_any_wandb_run(exit_code=1)
-    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN) or isinstance(exc, SaveError):
         return None
     out = Path(cfg.paths.output_dir)
     try:

@@ -79,6 +79,12 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
         self.execution_plan: ExecutionPlan | None = None  # handed over by the training module (use_execution_plan)
 
+    def find_image_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of the images: the registry's, or read from the user's images (data=folder, arrays)."""
+        if self.image_shape is None:
+            self.image_shape = tuple(int(d) for d in self._raw()[0].shape[1:])
+        return self.image_shape
+
     @property
     def is_binary(self) -> bool:
         return self.binarize != "none"

@@ -161,10 +161,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, writer)
         except OSError as exc:
             raise SaveError(save_failure(exc, path)) from None
-        except RuntimeError:  # torch's zip writer reports a failed write as a RuntimeError, without its errno
-            if writer is None or writer.error is None:
+        except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError, without its errno
+            error = writer.error if writer is not None else None
+            if error is None and f"[Errno {errno.ENOSPC}]" in str(exc):  # a write torch's writer made itself
+                error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if error is None:
                 raise
-            raise SaveError(save_failure(writer.error, path)) from None
+            raise SaveError(save_failure(error, path)) from None
         saved, claimed = checkpoint_step(path), checkpoint.get("global_step")
         if saved != claimed:
             raise SaveError(f"{path} holds step {saved} after a save of step {claimed}: something else writes into "
@@ -202,4 +205,8 @@ class _Writes:
             raise
 
     def flush(self) -> None:
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as exc:  # a buffered write meets the full disk here (another process filled it meanwhile)
+            self.error = self.error or exc
+            raise

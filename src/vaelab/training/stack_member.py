@@ -68,7 +68,8 @@ class StackedEngine(StepEngine):
         spec = self.model.spec()
         if spec is None:
             raise StackError("this model has parts no spec describes (a custom encoder), so it cannot be stacked")
-        self._send(("register", {"spec": spec, "optimizer": self.kind, "steps": steps, "batch": batch,
+        self._send(("register", {"spec": spec, "image_shape": list(self.model.image_shape), "optimizer": self.kind,
+                                 "steps": steps, "batch": batch,
                                  "params": {n: p.detach().cpu() for n, p in self.params.items()}, "adam": adam}))
         reply = self._receive()
         i = reply["index"]
@@ -94,6 +95,7 @@ class StackedEngine(StepEngine):
         slots["hyper"][i].copy_(torch.tensor(hyper_row(group, self.kind, self.max_grad_norm, self.loss.free_bits)))
         self._send(("step", n, size))
         self._receive()
+        self.optimizer._opt_called = True  # stepped, by the server: a schedule's step after it is in order
         stats = StepStats(slots["step_rows"][i, :n].clone())
         if self.check_every == 1:  # the solo engine stops before a non-finite step; the server did not apply it
             bad = ~torch.isfinite(stats.objective)
@@ -133,4 +135,6 @@ class StackedEngine(StepEngine):
         except (OSError, EOFError):
             raise StackError("the sweep's stack server has gone (its process ended); the checkpoints saved so far "
                              "are whole: rerun the sweep with resume=auto") from None
+        if kind == "refused":
+            raise StackError(payload[0])
         return payload[0] if payload else None

@@ -9,12 +9,18 @@ stopped, diverged or preempted), after which its slice is never written again. T
 member still connected is waiting for steps or has retired, so that a member validating or saving holds the
 others up only as long as it would hold itself up alone. A member whose process ends (finished or crashed) is
 retired by its closed connection: the others go on.
+
+Never a hang: a member whose model, image shape or batch differs from its stack's is refused in one sentence
+naming both; a member that neither asks for a step nor leaves for `member_timeout` seconds while the others wait is
+named and stopped (on_stuck: SIGTERM, which saves its checkpoint; SIGKILL if it still does not leave).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import time
 from multiprocessing.connection import Connection, wait
 
 import torch
@@ -49,8 +55,13 @@ class Slots:
 class StackServer:
     """Serves one group of `n` members over their connections, until every member's process has ended."""
 
-    def __init__(self, conns: list[Connection], device: str = "cpu", on_message=None) -> None:
+    def __init__(self, conns: list[Connection], device: str = "cpu", on_message=None, names: list[str] | None = None,
+                 member_timeout: float = 600.0, on_stuck=None) -> None:
         self.conns, self.n, self.device = conns, len(conns), torch.device(device)
+        self.names = names or [f"member {i}" for i in range(self.n)]
+        self.member_timeout, self.on_stuck = member_timeout, on_stuck
+        self.stopping: dict[int, float] = {}  # stuck members told to stop, and when
+        self.joined: dict | None = None  # what the first member to join built: the stack's shape
         self.status = [SETUP] * self.n
         self.pending: dict[int, tuple[int, int]] = {}
         self.results: list = [None] * self.n
@@ -61,13 +72,37 @@ class StackServer:
 
     def serve(self) -> list:
         """Serve until every member has gone; return what each sent as its result (None if it sent none)."""
+        waiting_since = None
         while any(s != GONE for s in self.status):
             live = {self.conns[i]: i for i in range(self.n) if self.status[i] != GONE}
-            for conn in wait(list(live)):
+            ready = wait(list(live), timeout=1.0)
+            for conn in ready:
                 self._receive(live[conn])
             if self.pending and not any(s in (SETUP, TRAINING) for s in self.status):
                 self._run_pending()
+            if not self.pending:
+                waiting_since = None
+            elif waiting_since is None:
+                waiting_since = time.monotonic()
+            elif time.monotonic() - waiting_since > self.member_timeout:
+                self._stop_laggards()
+                waiting_since = time.monotonic()
         return self.results
+
+    def _stop_laggards(self) -> None:
+        """The members the others have waited on for member_timeout seconds: told to stop (their checkpoint is
+        saved at their next step, as at any stop signal), then killed if they have not left after another wait."""
+        for i, status in enumerate(self.status):
+            if status not in (SETUP, TRAINING):
+                continue
+            kill = i in self.stopping
+            log.error("stacked launcher: %s has neither asked for a step nor left its stack for %.0f s while %d "
+                      "other member(s) waited; %s", self.names[i], self.member_timeout, len(self.pending),
+                      "killing it (its checkpoints saved so far are whole)" if kill else
+                      "stopping it (SIGTERM: it saves a checkpoint; continue it with resume=auto)")
+            self.stopping[i] = time.monotonic()
+            if self.on_stuck is not None:
+                self.on_stuck(i, kill)
 
     def _receive(self, i: int) -> None:
         try:
@@ -78,6 +113,11 @@ class StackServer:
             return
         kind = message[0]
         if kind == "register":
+            refused = self._refusal(i, message[1])
+            if refused:
+                self.conns[i].send(("refused", refused))
+                self.status[i] = RETIRED
+                return
             self.conns[i].send(("registered", self._register(i, message[1])))
             self.status[i] = TRAINING
         elif kind == "step":
@@ -90,6 +130,22 @@ class StackServer:
             self.results[i] = message[1]
         elif self.on_message is not None:
             self.on_message(i, message)
+
+    def _refusal(self, i: int, member: dict) -> str | None:
+        """Why member i cannot join this stack (what it built differs from the stack's), or None."""
+        built = {"model": json.dumps(member["spec"], sort_keys=True, default=str),
+                 "image shape": "x".join(map(str, member.get("image_shape", ()))), "batch size": member["batch"],
+                 "steps per execution": member["steps"], "optimiser": member["optimizer"]}
+        if self.joined is None:
+            self.joined = {"built": built, "by": self.names[i]}
+            return None
+        differs = [k for k in built if built[k] != self.joined["built"][k]]
+        if not differs:
+            return None
+        shown = "; ".join(f"{k} {built[k]} against {self.joined['built'][k]}" for k in differs if k != "model")
+        return (f"{self.names[i]} cannot join the stack of {self.joined['by']}: its {', '.join(differs)} differ"
+                f"{f' ({shown})' if shown else ''}; run these jobs with hydra.launcher.stack=false, or sweep them "
+                "apart")
 
     def _register(self, i: int, member: dict) -> dict:
         """Put member i's weights and Adam state into its slice; hand back the shared tensors it views."""
