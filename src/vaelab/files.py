@@ -1,6 +1,7 @@
 """Every file a resume or a report reads is written atomically: a temporary file in the same directory, flushed
 and fsynced, then os.replace. The previous version stays until the new one is whole, and a failure (a full disk,
-a read-only directory, a kill) leaves no temporary file behind."""
+a read-only directory, a kill) leaves no temporary file behind. A new file's mode follows the umask, as open()'s
+does (0644 under 022): on shared storage a colleague reads a finished run, its checkpoints and its report."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 is for secrets; these files are for a team
         with os.fdopen(fd, mode, **open_kwargs) as file:
             yield file
             file.flush()
@@ -39,3 +41,17 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
 def write_json(path: str | Path, value: Any) -> None:
     with atomic_write(path) as file:
         json.dump(value, file, indent=2)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (Linux reports it in /proc; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
