@@ -1,6 +1,7 @@
 """Callbacks the fault tests add to the real app through config (+callbacks.x._target_=...): they cause a
 real fault at a chosen step, so tests need no timing luck."""
 
+import errno
 import os
 import signal
 
@@ -94,6 +95,17 @@ class FillDiskAt(L.Callback):
                     f.write(b"\0" * max(0, free - self.leave))
             except (FileExistsError, OSError):  # another run of the sweep filled the disk first: it is full
                 pass
+
+
+class NoSpaceAt(L.Callback):
+    """At the end of training epoch `epoch`, a write of `path` meets a full disk: the OSError that write raises."""
+
+    def __init__(self, path: str, epoch: int = 1) -> None:
+        self.path, self.epoch = path, epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
 
 
 class SignalAtTest(L.Callback):

@@ -213,27 +213,102 @@ def test_an_unwritable_checkpoint_folder_is_one_line_never_a_false_saved(small_f
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 8  # the good one, as it was
 
 
+def mount_small(where: Path) -> Path:
+    where.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], check=True)
+    return where
+
+
 @pytest.mark.parametrize("launcher", ["basic", "stacked"])
 def test_a_full_disk_in_a_sweep_ends_it_non_zero_and_keeps_every_row_logged(launcher, small_fs, fashion_mnist):
     """A full disk is no configuration's fault: the sweep stops with a non-zero exit (one line per run that met it),
     as a run alone does, and metrics.csv keeps every row logged before the failing save (epoch 0's train/ and val/
-    rows, epoch 1's steps and validation)."""
-    stacked = ["hydra/launcher=stacked", "hydra.launcher.stack=true"] if launcher == "stacked" else []
+    rows, epoch 1's steps and validation). A stack's members each meet their own full disk at their epoch 1's end
+    (each job directory is a disk of its own: which write meets a shared full disk first is a race, said below)."""
+    stacked = launcher == "stacked"
+    sweep_dir = small_fs / "sweep"
+    disks = [mount_small(sweep_dir / str(i)) for i in range(2)] if stacked else [small_fs]
+    try:
+        proc = run_app("-m", *TINY, "logger=csv", "trainer.max_epochs=3", "seed=1,2", f"hydra.sweep.dir={sweep_dir}",
+                       *(["hydra/launcher=stacked", "hydra.launcher.stack=true"] if stacked else []),
+                       "+callbacks.fill._target_=fault_callbacks.FillDiskAt",
+                       "+callbacks.fill.path=" + ("${paths.output_dir}" if stacked else str(small_fs)),
+                       "+callbacks.fill.epoch=1", "extras.print_config=false")
+        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        errors = sorted(ln for ln in proc.stderr.splitlines() if ln.strip())
+        # the basic launcher stops at the first job; a stack's members meet their full disks together, one line each
+        assert len(errors) == len(disks), errors
+        for error, disk, job in zip(errors, disks, [sweep_dir / str(i) for i in range(len(disks))]):
+            assert error.startswith(f"error: no space left on {disk} while saving {job}/checkpoints/"), errors
+        assert not (sweep_dir / "1").exists() or stacked
+        for job in [sweep_dir / str(i) for i in range(len(errors))]:
+            with open(job / "metrics.csv") as f:
+                rows = list(csv.DictReader(f))
+            assert [r["epoch"] for r in rows if r["train/loss"]] == ["0"]  # epoch 1's failed before its end was logged
+            assert [r["epoch"] for r in rows if r["val/loss"]] == ["0", "1"]
+            assert {r["step"] for r in rows if r["train_step/loss"]} >= {"1", "3", "5", "7"}  # log_every_n_steps=2
+            assert (job / "checkpoints" / "epoch_000.ckpt").is_file()
+    finally:
+        for disk in disks[::-1]:
+            if disk != small_fs:
+                subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_members_sharing_a_disk_that_fills_each_say_so_in_one_line(small_fs, fashion_mnist):
+    """Two stacked members on one disk that the first to reach its epoch 1's end fills: the other meets it wherever
+    it is (its checkpoint, a grid's PNG, ...). Whichever write that is, each member ends with its one line naming
+    the file, the sweep exits 1, no traceback, and every checkpoint left loads."""
     sweep_dir = small_fs / "sweep"
     proc = run_app("-m", *TINY, "logger=csv", "trainer.max_epochs=3", "seed=1,2", f"hydra.sweep.dir={sweep_dir}",
-                   *stacked, "+callbacks.fill._target_=fault_callbacks.FillDiskAt", f"+callbacks.fill.path={small_fs}",
-                   "+callbacks.fill.epoch=1", "extras.print_config=false")
+                   "hydra/launcher=stacked", "hydra.launcher.stack=true", "extras.print_config=false",
+                   "+callbacks.fill._target_=fault_callbacks.FillDiskAt", f"+callbacks.fill.path={small_fs}",
+                   "+callbacks.fill.epoch=1")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    # the basic launcher stops at the first job; a stack's members meet the full disk together, one line each
-    assert len(errors) == (2 if stacked else 1), errors
-    assert all(e.startswith(f"error: no space left on {small_fs} while saving ") for e in errors), errors
-    assert not (sweep_dir / "1").exists() or stacked
-    for job in [sweep_dir / str(i) for i in range(len(errors))]:
-        with open(job / "metrics.csv") as f:
-            rows = list(csv.DictReader(f))
-        assert [r["epoch"] for r in rows if r["train/loss"]] == ["0"]  # epoch 1's failed before its end was logged
-        assert [r["epoch"] for r in rows if r["val/loss"]] == ["0", "1"]
-        assert {r["step"] for r in rows if r["train_step/loss"]} >= {"1", "3", "5", "7"}  # log_every_n_steps=2
-        assert (job / "checkpoints" / "epoch_000.ckpt").is_file()
+    errors = sorted(ln for ln in proc.stderr.splitlines() if ln.strip())
+    assert len(errors) == 2, errors
+    for i, error in enumerate(errors):
+        assert error.startswith(f"error: no space left on {small_fs} while saving {sweep_dir / str(i)}/"), errors
+        assert error.endswith("free space and rerun with resume=auto"), error
+    for ckpt in sweep_dir.glob("*/checkpoints/*"):
+        assert ckpt.suffix == ".ckpt", ckpt  # no temporary file
+        load_checkpoint(ckpt)
+    assert not [p for p in sweep_dir.glob("*/samples/*.png") if p.stat().st_size == 0]  # no empty PNG left
+
+
+def test_a_full_disk_met_by_a_grid_or_any_write_is_one_line_naming_the_file(small_fs, fashion_mnist):
+    """Not only a checkpoint meets a full disk: here the run's samples/ folder is a disk of its own, too small for
+    one grid. The run ends with one line naming the PNG and what is kept, and leaves no half-written PNG."""
+    run_dir = small_fs / "run"
+    samples = mount_small(run_dir / "samples")
+    subprocess.run(["mount", "-o", "remount,size=8k", str(samples)], check=True)
+    try:
+        proc = run_app(*TINY, "logger=csv", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(errors) == 1 and errors[0].startswith(f"error: no space left on {samples} while saving "
+                                                         f"{samples}/"), errors
+        assert errors[0].split(" while saving ")[1].split(";")[0].endswith(".png")
+        assert errors[0].endswith("free space and rerun with resume=auto")
+        assert not [p for p in samples.iterdir() if p.stat().st_size == 0]
+    finally:
+        subprocess.run(["umount", "-l", str(samples)], capture_output=True)
+
+
+def test_a_full_disk_met_by_any_other_write_is_one_line(tmp_path, fashion_mnist):
+    """A full disk met by a write vaelab does not make itself (a logger's file, say) is the same one line, naming
+    the file the error names, not a traceback."""
+    from conftest import compose
+
+    from vaelab.cli.train import train
+    from vaelab.errors import SaveError
+    from vaelab.training.checkpoints import mount_point
+
+    out = tmp_path / "run"
+    with pytest.raises(SaveError) as info:
+        train(compose(*TINY, "logger=csv", "extras.print_config=false", f"paths.output_dir={out}",
+                      "+callbacks.full._target_=fault_callbacks.NoSpaceAt", f"+callbacks.full.path={out}/metrics.csv"))
+    message = str(info.value)
+    assert message.startswith(f"no space left on {mount_point(out)} while saving {out}/metrics.csv; the checkpoints already there "
+                              "are whole (last.ckpt at step 8, epoch_000.ckpt at step 8)"), message

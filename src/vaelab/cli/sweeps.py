@@ -18,6 +18,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,6 +346,9 @@ def stack_ended(names: list[str], procs: list, exits: dict[int, object], results
     # a member's process that ended before it could say how its job ended (killed, say)
     failed += [f"{names[i]} (exit code {procs[i].exitcode}, before its job finished)"
                for i, ret in enumerate(results) if ret is None and i not in exits]
+    # a job whose error was not one of vaelab's sentences (Hydra's run_job caught it in the member)
+    failed += [f"{names[i]} ({ret._return_value})" for i, ret in enumerate(results)
+               if ret is not None and ret.status == JobStatus.FAILED]
     if failed:  # a member's own error (a full disk, say) is said in its own line: the sweep fails, as a solo run does
         log.error("stacked launcher: %s ended with an error; the checkpoints saved are whole and the other "
                   "members' runs are kept: rerun the sweep with resume=auto once it is fixed", "; ".join(failed))
@@ -376,6 +380,8 @@ def member_main(conn, job: bytes) -> None:
     except SystemExit as stop:  # vaelab-train's way out: a stop signal (its checkpoint saved) or its error, said
         _tell(conn, ("exit", stop.code))
         raise
+    if ret.status == JobStatus.FAILED:  # not one of vaelab's sentences (a bug): its traceback, as a run alone shows it
+        traceback.print_exception(ret._return_value)
     # how the job ended, without Hydra's config objects (not all of them pickle)
     status = JobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=None, working_dir=ret.working_dir,
                        task_name=ret.task_name, status=ret.status)

@@ -131,9 +131,10 @@ def mount_point(path: Path) -> Path:
     return path
 
 
-def save_failure(exc: OSError, path: Path) -> str:
-    """One sentence for a save that failed: what, where, what is kept, and what to do."""
-    good, _ = readable_checkpoints(path.parent)
+def save_failure(exc: OSError, path: Path, checkpoints: Path | None = None) -> str:
+    """One sentence for a save that failed: what, where, what is kept (the checkpoints in `checkpoints`, by
+    default path's own folder), and what to do."""
+    good, _ = readable_checkpoints(checkpoints or path.parent)
     kept = (f"the checkpoints already there are whole ({', '.join(f'{p.name} at step {s}' for s, p in good)})"
             if good else "no earlier checkpoint was written")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

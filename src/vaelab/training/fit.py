@@ -1,16 +1,21 @@
 """trainer.fit, with the two ways a run can end early turned into values and sentences: a stop signal's
-checkpoint (Preempted, returned) and a DDP peer that stopped answering (DistributedError, raised)."""
+checkpoint (Preempted, returned), a DDP peer that stopped answering (DistributedError, raised) and a full disk met
+by any write (SaveError, raised)."""
 
 from __future__ import annotations
 
+import errno
 import signal
+from pathlib import Path
 
 import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from vaelab.errors import ConfigError, DistributedError
+from vaelab.errors import ConfigError, DistributedError, SaveError
+from vaelab.training.callbacks.grids import checkpoint_dir
 from vaelab.training.callbacks.preemption import Preempted
+from vaelab.training.checkpoints import save_failure
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: str | None) -> Preempted | None:
@@ -25,6 +30,12 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: st
         if trainer.world_size > 1 and collective_failed(exc):
             raise lost_process(trainer) from None
         raise
+    except OSError as exc:  # a full disk met by a write other than a checkpoint's (a log, metrics.csv): one sentence
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        checkpoints = checkpoint_dir(trainer)
+        where = exc.filename or (checkpoints.parent if checkpoints else trainer.default_root_dir)
+        raise SaveError(save_failure(exc, Path(where), checkpoints)) from None
     finally:
         leave_stack(module)
     return None

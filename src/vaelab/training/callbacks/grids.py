@@ -13,7 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch import Tensor
 
+from vaelab.errors import SaveError
 from vaelab.evaluation.grids import all_grids
+from vaelab.training.checkpoints import save_failure
 
 
 def to_uint8(grid: Tensor) -> np.ndarray:
@@ -21,6 +23,12 @@ def to_uint8(grid: Tensor) -> np.ndarray:
     rounds. W&B and TensorBoard get these very bytes: wandb.Image no longer rescales floats in [0, 1] (since
     wandb 0.20 it clips them to [0, 255], a black image), and TensorBoard truncates where save_image rounds."""
     return grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+
+
+def checkpoint_dir(trainer: L.Trainer) -> Path | None:
+    """Where the run's checkpoints are (what a failed write says is kept), or None."""
+    callback = trainer.checkpoint_callback
+    return Path(callback.dirpath) if callback is not None and getattr(callback, "dirpath", None) else None
 
 
 def log_image(trainer: L.Trainer, key: str, pixels: np.ndarray, caption: str) -> None:
@@ -60,7 +68,12 @@ class ImageGrids(L.Callback):
             return
         if self._drawn is not None and self._drawn[0] == trainer.global_step:  # the same weights: copy, not redraw
             for name, path in self._drawn[1].items():
-                shutil.copyfile(path, self.save_dir / f"{name}_final.png")
+                final = self.save_dir / f"{name}_final.png"
+                try:
+                    shutil.copyfile(path, final)
+                except OSError as exc:
+                    final.unlink(missing_ok=True)
+                    raise SaveError(save_failure(exc, final, checkpoint_dir(trainer))) from None
             return
         self.write(trainer, pl_module, tag="final")
 
@@ -80,7 +93,11 @@ class ImageGrids(L.Callback):
         for name, grid in grids.items():
             pixels = to_uint8(grid)
             paths[name] = self.save_dir / f"{name}_{tag}.png"
-            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(paths[name])
+            try:
+                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(paths[name])
+            except OSError as exc:  # a full disk: one sentence, as for a checkpoint, and no half-written PNG
+                paths[name].unlink(missing_ok=True)
+                raise SaveError(save_failure(exc, paths[name], checkpoint_dir(trainer))) from None
             log_image(trainer, f"images/{name}", pixels, f"{name}, {tag}, step {trainer.global_step}")
         self._drawn = (trainer.global_step, paths)
         return paths
