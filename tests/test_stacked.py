@@ -250,7 +250,7 @@ def test_a_stacked_step_is_each_members_solo_step(kind):
             solo.append(objective.item())
         hyper = torch.tensor([hyper_row(o.param_groups[0], kind, c, loss.free_bits)
                               for o, c, loss in zip(opts, clips, losses)])
-        got = stack.train_step(x, noise, weight, hyper, [0, 1, 2])[:, -1].tolist()
+        got = stack.train_step(x, noise, weight, hyper, torch.ones(3, dtype=torch.bool))[:, -1].tolist()
         assert got == pytest.approx(solo, rel=1e-5)
     for i, m in enumerate(members):
         diffs = torch.cat([(stack.params[n][i] - p.detach()).abs().flatten() for n, p in m.named_parameters()])
@@ -272,7 +272,7 @@ def test_members_left_out_or_diverged_keep_their_weights():
     x = torch.rand(3, 4, 1, 8, 8).bernoulli()
     x[1, 0, 0, 0, 0] = float("nan")  # member 1's batch is poisoned; member 2 takes no step
     hyper = torch.tensor([hyper_row({"lr": 1e-2}, "adam", None, 0.0)] * 3)
-    stack.train_step(x, torch.randn(3, 4, 2), torch.ones(3), hyper, [0, 1])
+    stack.train_step(x, torch.randn(3, 4, 2), torch.ones(3), hyper, torch.tensor([True, True, False]))
     for name, value in stack.params.items():
         assert torch.equal(value[1], before[name][1]) and torch.equal(value[2], before[name][2]), name
     assert any(not torch.equal(v[0], before[n][0]) for n, v in stack.params.items())
@@ -413,3 +413,36 @@ def test_a_member_that_holds_up_its_stack_is_named_and_stopped(tmp_path, fashion
     assert len(said) == 1 and f"member 1 ({tmp_path / 'sweep' / '1'})" in said[0] and "SIGTERM" in said[0], said
     done = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(2)]
     assert [r["status"] for r in done] == ["finished", "preempted"] and done[1]["global_step"] == 4, done
+
+
+def test_a_stacked_step_dispatches_the_same_ops_at_any_n_and_never_syncs_the_host():
+    """The whole stacked step (vmapped forward and backward, clipping, Adam over flat [N, total] buffers, masks for
+    members that take no step) dispatches a number of torch ops that does not grow with N, and none that reads a
+    value back to the host (aten._local_scalar_dense: .item(), .tolist(), a Python branch on a tensor)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vaelab.models.vae import VAE
+    from vaelab.training.stack import Stack, hyper_row
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for n, kind in ((2, "adam"), (6, "adam"), (2, "adam_normgrad"), (6, "adam_normgrad")):
+        stack = Stack(VAE((1, 8, 8), latent_dim=2, hidden_dim=16), n, kind)
+        hyper = torch.tensor([hyper_row({"lr": 1e-3}, kind, 1.0, 0.0)] * n)
+        active = torch.arange(n) % 2 == 0  # half the members take no step
+        stack.train_step(torch.rand(n, 4, 1, 8, 8).bernoulli(), torch.randn(n, 4, 2), torch.ones(n), hyper, active)
+        with Ops() as ops:
+            stack.train_step(torch.rand(n, 4, 1, 8, 8).bernoulli(), torch.randn(n, 4, 2), torch.ones(n), hyper,
+                             active)
+        assert not [o for o in ops.names if "_local_scalar_dense" in o], (n, kind)
+        counts[n, kind] = len(ops.names)
+    assert counts[2, "adam"] == counts[6, "adam"] and counts[2, "adam_normgrad"] == counts[6, "adam_normgrad"], counts

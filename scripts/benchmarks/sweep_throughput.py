@@ -3,7 +3,7 @@ batch 100, dynamically binarised Fashion-MNIST), trained
 
   bare, one after another   N models, each its own fused-Adam loop (the ceiling of one-after-another)
   bare, stacked             the N models as one stacked model (vaelab.training.stack: vmap + stacked Adam), the
-                            ceiling of stacking
+                            ceiling of stacking; with the torch ops one stacked step dispatches (flat in N)
   app, basic                vaelab-train -m (Hydra's basic launcher: one job after another, in one process)
   app, joblib               vaelab-train -m hydra/launcher=joblib (parallel processes, each cores/n threads)
   app, stacked              vaelab-train -m hydra/launcher=stacked hydra.launcher.stack=true
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
@@ -83,8 +84,8 @@ def bare_sequential(data, n: int, steps: int, device) -> float:
     return n * steps * BATCH / total
 
 
-def bare_stacked(data, n: int, steps: int, device) -> float:
-    """The N models as one stacked model: images/s."""
+def bare_stacked(data, n: int, steps: int, device) -> tuple[float, int]:
+    """The N models as one stacked model: images/s, and the torch ops one step dispatches."""
     members = []
     for i in range(n):
         torch.manual_seed(i)
@@ -95,15 +96,30 @@ def bare_stacked(data, n: int, steps: int, device) -> float:
             for name, p in m.named_parameters():
                 stack.params[name][i].copy_(p)
     hyper = torch.tensor([hyper_row({"lr": 5e-4}, "adam", None, 0.0)] * n)
-    weight, members = torch.ones(n, device=device), list(range(n))
+    weight, active = torch.ones(n, device=device), torch.ones(n, dtype=torch.bool, device=device)
 
     def step():
         idx = torch.randint(len(data), (n, BATCH), device=device)
         x = bernoulli_draw(data[idx].float().div_(255.0))
         noise = torch.randn(n, BATCH, 40, device=device)
-        stack.train_step(x, noise, weight, hyper, members)
+        stack.train_step(x, noise, weight, hyper, active)
 
-    return n * steps * BATCH / timed(step, steps, device)
+    rate = n * steps * BATCH / timed(step, steps, device)
+    with OpCount() as ops:
+        step()
+    return rate, ops.count
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ATen ops dispatched (views included): the host's work per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def app(launcher: list[str], n: int, subset: int, device: str) -> float:
@@ -142,14 +158,14 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     rows = []
     print(f"sweep throughput on {card}, torch {torch.__version__}: aggregate training images/s")
-    print(f"{'N':>3} {'bare seq':>10} {'bare stack':>11} {'stack/seq':>9}" +
+    print(f"{'N':>3} {'bare seq':>10} {'bare stack':>11} {'stack/seq':>9} {'ops/step':>8}" +
           ("" if args.no_app else f" {'app basic':>10} {'app joblib':>11} {'app stacked':>12} {'stacked/basic':>13}"
                                   f" {'stacked/ceiling':>15}"))
     for n in ns:
-        row = {"n": n, "bare_sequential": bare_sequential(data, n, args.steps, device),
-               "bare_stacked": bare_stacked(data, n, args.steps, device)}
+        row = {"n": n, "bare_sequential": bare_sequential(data, n, args.steps, device)}
+        row["bare_stacked"], row["stacked_ops_per_step"] = bare_stacked(data, n, args.steps, device)
         line = f"{n:>3} {row['bare_sequential']:>10,.0f} {row['bare_stacked']:>11,.0f} " \
-               f"{row['bare_stacked'] / row['bare_sequential']:>9.2f}"
+               f"{row['bare_stacked'] / row['bare_sequential']:>9.2f} {row['stacked_ops_per_step']:>8}"
         if not args.no_app:
             row["app_basic"] = app([], n, args.subset, device.type)
             row["app_joblib"] = app(["hydra/launcher=joblib"], n, args.subset, device.type)

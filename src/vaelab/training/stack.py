@@ -28,23 +28,34 @@ HYPER = ("lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "free_b
 
 class Stack:
     """N members of `template`'s shape. params: name -> [N, *shape] (the members' weights); exp_avg, exp_avg_sq:
-    Adam's moments, likewise; step: [N] Adam step counts. All of them may live in shared memory, where each
-    member's process views its own slice."""
+    Adam's moments, likewise; step: [N] Adam step counts. The weights and each moment are views into one flat
+    [N, total] buffer each (flat, flat_exp_avg, flat_exp_avg_sq; parameters in named_parameters' order), so that
+    the optimiser runs a fixed number of kernels over all members whatever N (HFTA's layout). All of them may live
+    in shared memory, where each member's process views its own slice."""
 
     def __init__(self, template: VAEBase, n: int, kind: str, share: bool = False) -> None:
         self.template, self.n, self.kind = template, n, kind
         device = next(template.parameters()).device
+        shapes = {name: p.shape for name, p in template.named_parameters()}
+        sizes = [math.prod(shape) for shape in shapes.values()]
+        total = sum(sizes)
 
         def zeros(shape) -> Tensor:
             t = torch.zeros(shape, device=device)
             return t.share_memory_() if share and device.type == "cpu" else t
 
-        names = [name for name, _ in template.named_parameters()]
-        self.params = {name: zeros((n, *p.shape)) for name, p in template.named_parameters()}
-        self.exp_avg = {name: zeros((n, *p.shape)) for name, p in template.named_parameters()}
-        self.exp_avg_sq = {name: zeros((n, *p.shape)) for name, p in template.named_parameters()}
+        def views(flat: Tensor) -> dict[str, Tensor]:
+            out, start = {}, 0
+            for (name, shape), size in zip(shapes.items(), sizes):
+                out[name] = flat[:, start:start + size].view(n, *shape)
+                start += size
+            return out
+
+        self.flat, self.flat_exp_avg, self.flat_exp_avg_sq = zeros((n, total)), zeros((n, total)), zeros((n, total))
+        self.params, self.exp_avg, self.exp_avg_sq = views(self.flat), views(self.flat_exp_avg), views(self.flat_exp_avg_sq)
         self.step = zeros((n,))
-        self.names = names
+        self.names = list(shapes)
+        self.sizes = sizes
         self._terms = vmap(self._member_terms)
 
     def _member_terms(self, params: dict[str, Tensor], x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,51 +72,59 @@ class Stack:
         floored = torch.where(free_bits[:, None] > 0, torch.maximum(kl, free_bits[:, None]), kl)
         return recon.mean(-1) + weight * floored.sum(-1)
 
-    def train_step(self, x: Tensor, noise: Tensor, weight: Tensor, hyper: Tensor, members: list[int]) -> Tensor:
-        """One optimiser step of the `members` (indices). weight [N] (KL weights), hyper [N, len(HYPER)] on the
-        host. Returns the statistics [N, L + 2]: recon and each layer's KL summed over the batch, the objective
-        (rows of other members: whatever their stale slots give)."""
-        active = torch.zeros(self.n, dtype=torch.bool, device=weight.device)
-        active[members] = True
+    def train_step(self, x: Tensor, noise: Tensor, weight: Tensor, hyper: Tensor, active: Tensor) -> Tensor:
+        """One optimiser step of the members where `active` [N] (bool, on the device) is true. weight [N] (KL
+        weights), hyper [N, len(HYPER)]. Returns the statistics [N, L + 2]: recon and each layer's KL summed over
+        the batch, the objective (rows of inactive members: whatever their stale inputs give). No host sync and
+        static shapes: an inactive or diverged member is masked, not indexed out."""
+        hyper = hyper.to(weight.device, non_blocking=True)
         params = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
         recon, kl_layers = self.terms(x, noise, params)
-        objective = self.objective(recon, kl_layers, weight, hyper[:, HYPER.index("free_bits")].to(weight.device))
+        objective = self.objective(recon, kl_layers, weight, hyper[:, HYPER.index("free_bits")])
         stats = torch.cat([recon.detach().sum(-1, keepdim=True), kl_layers.detach().sum(-1),
                            objective.detach()[:, None]], 1)
         update = active & torch.isfinite(objective.detach())
         # summed, not averaged: member i's gradient is its own objective's
         grads = torch.autograd.grad(torch.where(update, objective, 0.0).sum(), list(params.values()))
-        # vmap's weight gradients come transposed; the fused kernel reads memory in order
-        self._adam({name: g.contiguous() for name, g in zip(params, grads)}, hyper, update, members)
+        self._adam(dict(zip(params, grads)), hyper, update)
         return stats
 
     @torch.no_grad()
-    def _adam(self, grads: dict[str, Tensor], hyper: Tensor, update: Tensor, members: list[int]) -> None:
-        """torch's fused Adam / AdamW kernel (and vaelab's AdamNormGrad on it) run on each member's slices, with
-        the member's own hyper-parameters and gradient clipping: per member, the solo step's arithmetic. Members
-        outside `members` are not touched; a member whose objective was not finite (`update` false) is skipped by
-        the kernel's found_inf flag, on the device, with no host sync."""
-        rows = hyper.tolist()  # the hyper-parameters live on the host (server.Slots)
-        names = list(grads)
-        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()], 1)  # [N, P]
-        total = torch.linalg.vector_norm(norms, dim=1)
-        max_norm = hyper[:, HYPER.index("max_grad_norm")].to(total.device)
-        clip = torch.where(torch.isfinite(max_norm), (max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)
-        skip = (~update).float()
-        kernel = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
-        for i in members:
-            lr, wd, b1, b2, eps, _, _ = rows[i]
-            member_grads = [grads[n][i] for n in names]
-            if self.kind == "adam_normgrad":  # AdamNormGrad: each tensor's clipped gradient to unit norm
-                torch._foreach_mul_(member_grads, list((clip[i] / (norms[i] * clip[i] + 1e-7)).unbind()))
-            else:
-                torch._foreach_mul_(member_grads, clip[i])
-            step = self.step[i : i + 1]
-            step.add_(1 - skip[i])
-            kernel([self.params[n][i] for n in names], member_grads, [self.exp_avg[n][i] for n in names],
-                   [self.exp_avg_sq[n][i] for n in names], [], [step] * len(names), lr=lr, beta1=b1, beta2=b2,
-                   weight_decay=wd, eps=eps, amsgrad=False, maximize=False, grad_scale=None,
-                   found_inf=skip[i : i + 1])
+    def _adam(self, grads: dict[str, Tensor], hyper: Tensor, update: Tensor) -> None:
+        """Adam / AdamW (and vaelab's AdamNormGrad) for all N members at once, over flat [N, total] buffers that
+        the members' parameters and moments view: a fixed number of kernels whatever N, with each member's own
+        hyper-parameters as [N] tensors on the device (no host sync), and a member outside `update` untouched
+        (masked, not indexed out). Per member, the arithmetic of torch's fused kernel: the solo step's."""
+        h = hyper.to(self.flat.device, non_blocking=True)
+        lr, wd, b1, b2, eps, max_norm, _ = (c[:, None] for c in h.unbind(1))  # each [N, 1]
+        uf = update[:, None].float()
+        g = torch.cat([grads[n].reshape(self.n, -1) for n in self.names], 1)  # [N, total], in the buffers' order
+        g.masked_fill_(~update[:, None], 0.0)  # a skipped member's NaN gradient reaches nothing
+        segments = g.split(self.sizes, 1)  # each parameter tensor's columns
+        norms = torch.stack([torch.linalg.vector_norm(s, dim=1) for s in segments], 1)  # [N, P], per member
+        total = torch.linalg.vector_norm(norms, dim=1, keepdim=True)
+        clip = torch.where(torch.isfinite(max_norm), (max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)  # [N, 1]
+        if self.kind == "adam_normgrad":  # AdamNormGrad: each tensor's clipped gradient to unit norm
+            scale = clip / (norms * clip + 1e-7)
+            for j, s in enumerate(segments):
+                s.mul_(scale[:, j : j + 1])
+        else:
+            g.mul_(clip)
+        self.step.add_(uf[:, 0])
+        step = self.step[:, None].clamp(min=1.0)  # a member that never stepped: no 0/0 in its (unused) update
+        p, m, v = self.flat, self.flat_exp_avg, self.flat_exp_avg_sq
+        if self.kind == "adamw":
+            p.mul_(1 - lr * wd * uf)
+        else:
+            g.addcmul_(p, wd)
+        # in place over the flat buffers, one pass each; a member outside `update` has weight 0 in every line
+        m.lerp_(g, (1 - b1) * uf)
+        v.lerp_(g.square_(), (1 - b2) * uf)
+        step_size = lr / (1 - b1.pow(step))
+        # m / denom = step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps), the fused kernel's update
+        denom = torch.sqrt(v, out=g).div_((1 - b2.pow(step)).sqrt()).add_(eps).div_(step_size)
+        denom.masked_fill_(~update[:, None], math.inf)  # a member outside `update`: m / inf = 0, whatever its eps
+        p.addcdiv_(m, denom, value=-1.0)
 
 
 def hyper_row(group: dict, kind: str, max_grad_norm: float | None, free_bits: float) -> list[float]:

@@ -174,14 +174,16 @@ class StackServer:
         waiting = sorted(self.pending)
         for batch in sorted({b for _, b in self.pending.values()}):  # members of a group share their batch sizes
             group = [i for i in waiting if self.pending[i][1] == batch]
+            counts = torch.zeros(self.n, dtype=torch.long)
+            counts[group] = torch.tensor([self.pending[i][0] for i in group])  # steps each member asked for
+            counts = counts.to(self.device)
             stopped = torch.zeros(self.n, dtype=torch.bool, device=self.device)
             for k in range(max(self.pending[i][0] for i in group)):
-                members = [i for i in group if self.pending[i][0] > k]
+                active = counts > k
                 weight = torch.where(stopped, torch.nan, slots.weight[:, k])  # a stopped member's objective: NaN
                 step = StepStats(stack.train_step(slots.images[:, k, :batch], slots.noise[:, k, :batch], weight,
-                                                  slots.hyper, members))  # one row per member
-                rows = torch.tensor(members, device=self.device)
-                slots.step_rows[rows, k] = step.table.index_select(0, rows)
+                                                  slots.hyper, active))  # one row per member
+                slots.step_rows[:, k] = torch.where(active[:, None], step.table, slots.step_rows[:, k])
                 # a member whose objective is not finite takes no further step: the solo engine stops there
                 stopped |= ~torch.isfinite(step.objective)
                 self.steps_run += 1
