@@ -87,6 +87,8 @@ def test_tensorboard_images_are_the_pngs_on_disk(seen):
 
 
 def test_the_wandb_config_is_the_run_config_plus_vaelabs_own_key(seen, monkeypatch):
+    import vaelab.cli.rundirs  # noqa: F401 - vaelab's resolvers (paths.data_dir's), as the run had them
+
     run_dir, wandb_dir, _ = seen
     hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     hydra_cfg.paths.output_dir = str(run_dir)  # ${hydra:runtime.output_dir}, resolved as the run resolved it
@@ -123,3 +125,39 @@ def test_the_wide_config_tree_is_not_cut_in_a_log_file(train_run):
     _, _, proc = train_run("trainer.max_epochs=1", f"+note={long_name}")
     assert any(ln.rstrip().endswith(long_name) for ln in proc.stdout.splitlines())
     assert not any(ln != ln.rstrip() for ln in proc.stdout.splitlines())  # no padding to a width
+
+
+def test_a_plain_run_says_each_thing_once_and_only_what_is_true(tmp_path, fashion_mnist):
+    """As a user's terminal shows it (W&B not silenced), launched outside the checkout with VAELAB_DATA_DIR set and
+    callbacks=none: no W&B advertisement or start lines but vaelab's one line saying where the W&B run is and how
+    to upload it; no line claiming data are kept elsewhere; "1 epoch"; no samples folder announced that does not
+    exist. Then debug=fdr: Lightning's lines once each, not once from its own handler and again from Hydra's."""
+    import subprocess
+    import sys
+
+    from conftest import TINY, app_env
+
+    env = {k: v for k, v in app_env().items() if k not in ("WANDB_SILENT", "WANDB_SHOW_INFO")}
+    env["PYTHONPATH"] = f"{Path(__file__).parent}:{Path(__file__).parents[1] / 'src'}"
+    base = [sys.executable, "-m", "vaelab.cli.train", "extras.print_config=false"]
+    tiny = [o for o in TINY if not o.startswith("callbacks.")]
+    proc = subprocess.run([*base, *tiny, "trainer.max_epochs=1", "callbacks=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert not [ln for ln in lines if ln.startswith("wandb:") or "leet" in ln], lines
+    said = [ln for ln in lines if ln.startswith("vaelab: W&B run ")]
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert said == [f"vaelab: W&B run {offline.name.split('-')[-1]} logs offline to {offline}; upload it later with "
+                    f"wandb sync {offline}"], lines
+    assert not [ln for ln in lines if "keeps data sets in" in ln], lines
+    assert any(ln.startswith("vaelab: vanilla / standard prior / bernoulli on fashion_mnist (dynamic), 1 epoch, ")
+               for ln in lines), lines
+    assert not (tmp_path / "run" / "samples").exists() and not [ln for ln in lines if "sample grids" in ln], lines
+
+    fdr = subprocess.run([*base, "debug=fdr", "data.subset=400", f"hydra.run.dir={tmp_path / 'fdr'}"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert fdr.returncode == 0, fdr.stderr[-3000:]
+    out = fdr.stdout + fdr.stderr
+    assert out.count("Seed set to") == 1 and out.count("Running in `fast_dev_run` mode") == 1, out[-3000:]
+    assert not [ln for ln in out.splitlines() if ln.startswith("INFO: ")], out[-3000:]

@@ -146,7 +146,9 @@ def save_json(path: Path, value) -> None:
 
 OmegaConf.register_new_resolver("vaelab_run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("vaelab_sweep_dir", sweep_dir, replace=True)
-# ${vaelab_data_dir:}: ./data in a vaelab checkout, else a per-user cache (conf/paths/default.yaml)
-OmegaConf.register_new_resolver("vaelab_data_dir", lambda: default_data_dir(), replace=True)
+# ${vaelab_data_dir:}: VAELAB_DATA_DIR, else ./data in a vaelab checkout, else a per-user cache (conf/paths/default.yaml);
+# not oc.env's default, which OmegaConf resolves (and default_data_dir says) even when the variable is set
+OmegaConf.register_new_resolver("vaelab_data_dir", lambda: os.environ.get("VAELAB_DATA_DIR") or default_data_dir(),
+                                replace=True)
 # ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
 OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)

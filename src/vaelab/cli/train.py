@@ -145,8 +145,8 @@ def set_up(cfg: DictConfig, out_dir: Path):
         model.elbo_terms = torch.compile(model.elbo_terms)
     loggers = build_loggers(cfg, state.wandb_run_id)
     trainer = build_trainer(cfg, loggers)
-    state.wandb_run_id = loggers.start(run_config, **run_facts(model, trainer)) or state.wandb_run_id
     say_start(cfg, model, trainer, out_dir, ckpt_path)
+    state.wandb_run_id = loggers.start(run_config, **run_facts(model, trainer)) or state.wandb_run_id
     return state, ckpt_path, datamodule, model, module, loggers, trainer
 
 
@@ -310,17 +310,22 @@ def preempted(stop: Preempted, trainer: L.Trainer, loggers: RunLoggers, state: R
 
 def print_summary(results: dict, out_dir: Path, wandb_dir: Path | None) -> None:
     lines = [f"\nvaelab: {results['model']} / {results['prior']} prior / {results['likelihood']} on "
-             f"{results['data']} ({results['binarize']}), {results['epochs']} epochs, "
+             f"{results['data']} ({results['binarize']}), {plural(results['epochs'], 'epoch')}, "
              f"{results['train_time_s']:.0f} s training"]
     lines += [f"  {key:<18} {value:.4f}" for key, value in results["metrics"].items() if key.startswith("test/")]
     lines.append(f"  run directory      {out_dir}")
-    lines.append(f"  sample grids       {out_dir / 'samples'}")
+    if any((out_dir / "samples").glob("*.png")):  # none with callbacks=none (no image grids callback)
+        lines.append(f"  sample grids       {out_dir / 'samples'}")
     if wandb_dir is not None:
         mode = results.get("wandb", {}).get("mode")
         lines.append(f"  W&B run            {wandb_dir} ({mode})")
         if mode == "offline":
             lines.append(f"  upload it later:   wandb sync {shlex.quote(str(wandb_dir))}")
     say("\n".join(lines))
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def objective(results: dict, name: str | None) -> float | None:

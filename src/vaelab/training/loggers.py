@@ -96,15 +96,19 @@ def wandb_logger(
     import wandb
 
     resolved = resolve_wandb_mode(mode, network_timeout)
+    # W&B reads its terminal settings once per process, from the environment, before any run's own settings:
+    # its info lines off (WANDB_SHOW_INFO, unless set), vaelab says where the run is (RunLoggers.start)
+    os.environ.setdefault("WANDB_SHOW_INFO", "false")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
         save_dir=save_dir, project=project, group=group, name=name, tags=list(tags or []), job_type=job_type,
         notes=notes, offline=resolved == "offline", mode=resolved, id=run_id, resume="allow" if run_id else None,
         # Lightning uploads checkpoints only online; offline, vaelab logs them itself at the end of the run
         log_model=log_model if resolved == "online" else False,
-        # no run history and summary at exit: vaelab prints the run's figures, where its W&B run is and how to
-        # upload it (W&B's own start lines, warnings and errors stay)
-        settings=wandb.Settings(quiet=True),
+        # no run history and summary at exit, and none of W&B's info lines (its start lines end with an
+        # advertisement): vaelab says where the W&B run is and how to upload it (RunLoggers.start, print_summary);
+        # W&B's warnings and errors stay
+        settings=wandb.Settings(quiet=True, show_info=False),
     )
     # Lightning 2.6 always passes `anonymous` (None by default) to wandb.init, and wandb 0.31 warns about any value
     # of that deprecated setting; vaelab never sets it, so it is not passed at all
@@ -136,6 +140,16 @@ def log_checkpoints_offline(logger: WandbLogger, checkpoint_callback) -> None:
     for path in sorted(paths):
         artifact.add_file(path, name=Path(path).name)
     logger.experiment.log_artifact(artifact, aliases=["latest", "best"])
+
+
+def say_wandb_run(logger: WandbLogger) -> None:
+    """Where the run's W&B run is, in one line (W&B's own start lines are off): its page online; offline, its
+    directory and the `wandb sync` that uploads it."""
+    run = logger.experiment
+    if run.settings.mode == "online":
+        say(f"vaelab: W&B run {run.id}: {run.url}")
+    elif (run_dir := wandb_run_dir(logger)) is not None and run.settings.mode == "offline":
+        say(f"vaelab: W&B run {run.id} logs offline to {run_dir}; upload it later with wandb sync {run_dir}")
 
 
 def wandb_run_dir(logger: WandbLogger) -> Path | None:
@@ -205,6 +219,7 @@ class RunLoggers:
                 lg.experiment.config.update({**run_config, "vaelab": extra}, allow_val_change=True)
                 define_metrics(lg.experiment)
                 run_id = lg.experiment.id
+                say_wandb_run(lg)
         return run_id
 
     def log_results(self, row: dict) -> None:
