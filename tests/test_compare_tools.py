@@ -23,7 +23,8 @@ SWEEP = [*TINY, "trainer.max_epochs=1", "data.subset=300", "model.hidden_dim=64"
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, fashion_mnist):
     root = tmp_path_factory.mktemp("compare") / "sweep"
-    proc = run_app("-m", "experiment=compare", *SWEEP, f"hydra.sweep.dir={root}")
+    # no -m: a preset that is a sweep runs as one (hydra.mode=MULTIRUN in the preset)
+    proc = run_app("experiment=compare", *SWEEP, f"hydra.sweep.dir={root}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 

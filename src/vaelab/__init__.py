@@ -3,6 +3,7 @@
 The library, without Hydra:
 
     from vaelab import VAE, VampPrior, Bernoulli, VAEModule, ImageDataModule, load_model, embed, interpolate
+    from vaelab import HierarchicalVAE, MixtureOfGaussians, IAFPosterior, GaussianPosterior
 
 The names load on first use, so `import vaelab` stays light."""
 
@@ -17,6 +18,10 @@ _EXPORTS = {
     "EvalMetrics": "vaelab.evaluation.metrics", "evaluate": "vaelab.evaluation.metrics",
     "embed": "vaelab.evaluation.latents", "interpolate": "vaelab.evaluation.latents",
     "ElboTerms": "vaelab.models.base",
+    # the parts every model composes with: a prior or posterior is passed as a factory, e.g.
+    # VAE(shape, prior=partial(MixtureOfGaussians, num_components=10), posterior=partial(IAFPosterior, num_flows=2))
+    "Prior": "vaelab.models.priors", "MixtureOfGaussians": "vaelab.models.priors",
+    "GaussianPosterior": "vaelab.models.posteriors", "IAFPosterior": "vaelab.models.posteriors",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
