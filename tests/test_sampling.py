@@ -40,3 +40,26 @@ def test_all_grids_are_image_grids():
     assert set(grids) == {"samples", "reconstructions", "interpolations", "traversals"}
     assert grids["interpolations"].shape[-1] == 2 + 8 * 30  # 8 columns: x_a, 6 steps, x_b
     assert grids["traversals"].shape[-2] == 2 + 4 * 30  # 4 rows: every dimension of a 4-d latent
+
+
+def test_the_pseudo_inputs_grid_is_readable_and_its_caption_says_its_scale():
+    """A fresh VampPrior's pseudo-inputs lie in about [0.02, 0.08] (their init, N(0.05, 0.01)): at their values a
+    black picture. The grid spans black to white (min-max over the grid) and its note gives the true range."""
+    from functools import partial
+
+    from vaelab.evaluation.grids import grid_note, pseudo_input_grid
+    from vaelab.models.priors import VampPrior
+    from vaelab.training.callbacks.grids import to_uint8
+
+    torch.manual_seed(0)
+    model = VAE((1, 8, 8), latent_dim=2, hidden_dim=16, prior=partial(VampPrior, num_components=16))
+    u = model.prior.pseudo_inputs.detach()
+    assert u.max() < 0.2  # what a person would see as black
+    pixels = to_uint8(pseudo_input_grid(model, 16))
+    cells = pixels[2:10, 2:10, 0]  # the first pseudo-input, inside the grid's padding
+    assert pixels.min() == 0 and pixels.max() == 255
+    first = u[0, 0]
+    expected = ((first - u.min()) / (u.max() - u.min())).mul(255).add(0.5).floor().to(torch.uint8).numpy()
+    assert (cells == expected).all()
+    assert grid_note("pseudo_inputs", model, 16) == f"scaled min-max from [{u.min():.3f}, {u.max():.3f}]"
+    assert grid_note("samples", model, 16) == ""

@@ -47,7 +47,7 @@ def logged_images(wandb_dir: Path) -> list[tuple[str, str, int, Path]]:
     for row in wandb_files.history(wandb_dir):
         for key, value in row.items():
             if key.startswith("images/") and key.endswith("/filenames"):
-                name, tag, step = row[key[: -len("filenames")] + "captions"][0].split(", ")
+                name, tag, step = row[key[: -len("filenames")] + "captions"][0].split(", ")[:3]
                 found.append((name, tag, int(step.split()[1]), wandb_dir / "files" / value[0]))
     return found
 

@@ -15,7 +15,7 @@ from vaelab.checks import Arg, one_of
 from vaelab.cli.config import CONF_DIR, check_keys, refuse_unknown_keys, restore
 from vaelab.devices import pick_device
 from vaelab.errors import ConfigError, run_or_explain
-from vaelab.evaluation.grids import all_grids
+from vaelab.evaluation.grids import all_grids, grid_note
 from vaelab.evaluation.samplers import draw_gmm
 
 # vaelab-sample's counts, with upper bounds that keep a grid in memory (4,096 images of 32x32x3 floats: 50 MB)
@@ -40,7 +40,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     for name, grid in grids.items():
         paths[name] = out_dir / f"{name}.png"
         save_image(grid, paths[name])
-        print(f"  {name:<16} {paths[name]}")
+        note = grid_note(name, model, cfg.num_samples)
+        print(f"  {name:<16} {paths[name]}" + (f" ({note})" if note else ""))
     if cfg.sampler == "gmm":
         paths.update(gmm_samples(cfg, model, datamodule, out_dir))
     return paths

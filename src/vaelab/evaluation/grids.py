@@ -77,11 +77,30 @@ def traversal_grid(model, x: Tensor, num_dims: int = 8, steps: int = 9, span: fl
     return _grid(images.flatten(0, 1), steps)
 
 
-def pseudo_input_grid(model, n: int = 64) -> Tensor | None:
+def pseudo_input_range(model, n: int = 64) -> tuple[float, float] | None:
+    """The smallest and largest value of the first n pseudo-inputs (None without a VampPrior)."""
     prior = getattr(model, "prior", None)
     if prior is None or not hasattr(prior, "pseudo_inputs"):
         return None
-    return _grid(prior.pseudo_inputs.detach()[:n], 8)
+    u = prior.pseudo_inputs.detach()[:n]
+    return float(u.min()), float(u.max())
+
+
+def pseudo_input_grid(model, n: int = 64) -> Tensor | None:
+    """The first n pseudo-inputs, min-max scaled over the grid (pseudo_input_range says from what): they start
+    at N(0.05, 0.01), which at their values is a black picture that reads as broken."""
+    span = pseudo_input_range(model, n)
+    if span is None:
+        return None
+    lo, hi = span
+    u = model.prior.pseudo_inputs.detach()[:n]
+    return _grid((u - lo) / (hi - lo) if hi > lo else u, 8)
+
+
+def grid_note(name: str, model, n: int = 64) -> str:
+    """What a grid's caption adds to its name (the pseudo-inputs' scale), or ''."""
+    span = pseudo_input_range(model, n) if name == "pseudo_inputs" else None
+    return f"scaled min-max from [{span[0]:.3f}, {span[1]:.3f}]" if span else ""
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from vaelab.errors import SaveError
-from vaelab.evaluation.grids import all_grids
+from vaelab.evaluation.grids import all_grids, grid_note
 from vaelab.training.checkpoints import save_failure
 
 
@@ -98,6 +98,8 @@ class ImageGrids(L.Callback):
             except OSError as exc:  # a full disk: one sentence, as for a checkpoint, and no half-written PNG
                 paths[name].unlink(missing_ok=True)
                 raise SaveError(save_failure(exc, paths[name], checkpoint_dir(trainer))) from None
-            log_image(trainer, f"images/{name}", pixels, f"{name}, {tag}, step {trainer.global_step}")
+            note = grid_note(name, model, self.num_samples)
+            log_image(trainer, f"images/{name}", pixels,
+                      f"{name}, {tag}, step {trainer.global_step}" + (f", {note}" if note else ""))
         self._drawn = (trainer.global_step, paths)
         return paths
