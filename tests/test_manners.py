@@ -69,10 +69,16 @@ def test_train_false_callbacks_none_and_logger_many(tmp_path, fashion_mnist):
 
     # train=false: the checkpoint tested, nothing trained, the same test NLL as the run's own test
     best = results["best_checkpoint"]
-    tested = run_app(*base, "train=false", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'tested'}")
+    # ... whatever model flags the command carries: the model is the checkpoint's, as vaelab-eval reads it
+    tested = run_app(*base, "train=false", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'tested'}", "model=deep",
+                     "prior=vamp")
     assert tested.returncode == 0, tested.stderr[-3000:]
     again = json.loads((tmp_path / "tested" / "results.json").read_text())
     assert again["trained"] is False and again["tested_checkpoint"] == best
+    assert (again["model"], again["prior"]) == ("vanilla", "standard")
+    said = [ln for ln in tested.stdout.splitlines() if ln.startswith("vaelab: ")]
+    assert f"testing the checkpoint {best};" in said[0] and "resuming" not in tested.stdout, said
+    assert said[-1].endswith(f", tested {best}") and "epochs" not in said[-1], said
     assert math.isclose(again["metrics"]["test/nll"], results["metrics"]["test/nll"], rel_tol=1e-6)
     assert not (tmp_path / "tested" / "checkpoints").exists()
     refused = run_app(*base, "train=false", f"hydra.run.dir={tmp_path / 'refused'}")

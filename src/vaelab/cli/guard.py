@@ -113,10 +113,12 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     from vaelab.cli.config import build_model
     from vaelab.cli.rundirs import resume_from
     from vaelab.data import SOURCES
-    from vaelab.training.checkpoints import check_fits
+    from vaelab.training.checkpoints import check_fits, load_checkpoint
 
     path, _ = resume_from(cfg, run_dir)
-    if path:
+    if path and not cfg.get("train", True):  # train=false tests the checkpoint's own model: readable is enough
+        load_checkpoint(path)
+    elif path:
         source = SOURCES.get(cfg.data.name)
         if source is not None and source.image_shape is not None:  # your own images: checked once they are read
             check_fits(build_model(cfg, source.image_shape), path)

@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, spec, validate
 from vaelab.cli.guard import discard_if_stub
@@ -30,7 +30,7 @@ from vaelab.console import say
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, SaveError, VaelabError, run_or_explain
 from vaelab.training.callbacks import Preempted, Preemption
-from vaelab.training.checkpoints import AtomicCheckpointIO, check_fits, remove_temporaries
+from vaelab.training.checkpoints import AtomicCheckpointIO, check_fits, load_checkpoint, remove_temporaries
 from vaelab.training.fit import fit
 from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
 from vaelab.training.module import VAEModule
@@ -104,6 +104,9 @@ def test_only(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError("train=false tests a checkpoint and trains nothing: give it ckpt_path=<a checkpoint>")
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        with open_dict(cfg):  # the model is the checkpoint's, as vaelab-eval reads it: not this command's flags
+            for group, node in trained_model_groups(cfg.ckpt_path).items():
+                cfg[group] = node
         state, ckpt_path, datamodule, model, module, loggers, trainer = set_up(cfg, out_dir)
     except VaelabError:
         discard_if_stub(out_dir)
@@ -124,6 +127,13 @@ def test_only(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         print_summary(results, out_dir, wandb_dir)
     loggers.finish()
     return results
+
+
+def trained_model_groups(ckpt_path: str) -> dict:
+    """The model, prior, posterior and likelihood config groups that trained a checkpoint of vaelab-train (one
+    clear sentence if it cannot be read); {} for a plain Trainer's checkpoint, whose model the config must name."""
+    trained = load_checkpoint(ckpt_path).get("vaelab_config") or {}
+    return {g: trained[g] for g in ("model", "prior", "posterior", "likelihood") if g in trained}
 
 
 def set_up(cfg: DictConfig, out_dir: Path):
@@ -214,7 +224,8 @@ def say_start(cfg: DictConfig, model, trainer: L.Trainer, out_dir: Path, ckpt_pa
     if not trainer.is_global_zero:
         return
     params = sum(p.numel() for p in model.parameters())
-    start = f"resuming from {ckpt_path}" if ckpt_path else f"seed {cfg.seed}"
+    start = (f"testing the checkpoint {ckpt_path}" if not cfg.get("train", True) else
+             f"resuming from {ckpt_path}" if ckpt_path else f"seed {cfg.seed}")
     say(f"vaelab: {cfg.model.get('name')} / {cfg.prior.get('name')} prior / {cfg.likelihood.get('name')} on "
         f"{cfg.data.name}, {params:,} parameters, on {trainer.strategy.root_device} x{trainer.world_size}, {start}; "
         f"run directory {out_dir}")
@@ -309,9 +320,10 @@ def preempted(stop: Preempted, trainer: L.Trainer, loggers: RunLoggers, state: R
 
 
 def print_summary(results: dict, out_dir: Path, wandb_dir: Path | None) -> None:
+    done = (f"tested {results['tested_checkpoint']}" if results.get("trained") is False else
+            f"{plural(results['epochs'], 'epoch')}, {results['train_time_s']:.0f} s training")
     lines = [f"\nvaelab: {results['model']} / {results['prior']} prior / {results['likelihood']} on "
-             f"{results['data']} ({results['binarize']}), {plural(results['epochs'], 'epoch')}, "
-             f"{results['train_time_s']:.0f} s training"]
+             f"{results['data']} ({results['binarize']}), {done}"]
     lines += [f"  {key:<18} {value:.4f}" for key, value in results["metrics"].items() if key.startswith("test/")]
     lines.append(f"  run directory      {out_dir}")
     if any((out_dir / "samples").glob("*.png")):  # none with callbacks=none (no image grids callback)
