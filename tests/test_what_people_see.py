@@ -86,6 +86,30 @@ def test_tensorboard_images_are_the_pngs_on_disk(seen):
     assert checked == len(tag_at) == 8  # four grids, two epochs
 
 
+def test_tensorboards_hparams_tab_shows_the_runs_config_and_test_figures(seen):
+    """hparams.yaml holds the run's config (it was {}), and the event file holds the HParams plugin's session with
+    the config's values and the run's test figures as its metrics."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir, _, _ = seen
+    results = json.loads((run_dir / "results.json").read_text())
+    saved = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())
+    assert saved["model"]["name"] == "vanilla" and saved["data"]["subset"] == 400, saved
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["model/name"].string_value == "vanilla"
+    assert start.hparams["data/batch_size"].number_value == 50
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {f"hp/{k}" for k in results["metrics"]
+                                                             if k.startswith("test/")}
+    (nll,) = events.Scalars("hp/test/nll")
+    assert nll.value == pytest.approx(results["metrics"]["test/nll"], rel=1e-6)
+
+
 def test_the_wandb_config_is_the_run_config_plus_vaelabs_own_key(seen, monkeypatch):
     import vaelab.cli.rundirs  # noqa: F401 - vaelab's resolvers (paths.data_dir's), as the run had them
 

@@ -10,7 +10,8 @@ import netrc
 import os
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -208,12 +209,15 @@ class RunLoggers:
     def __init__(self, loggers: list) -> None:
         self.loggers = loggers
         self.wandb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+        self.tensorboard = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+        self.run_config: dict = {}
 
     def start(self, run_config: dict, **extra) -> str | None:
         """Log the run's config to W&B as it is (the composed Hydra config, resolved), with vaelab's own facts
         (`extra`: parameter count, device, version) under one key of their own, `vaelab`; on rank 0 only (other
         DDP ranks hold no W&B run). Define its metrics as dashboards expect; return the W&B run id."""
         run_id = None
+        self.run_config = run_config
         for lg in self.wandb:
             if rank_zero_only.rank == 0:
                 lg.experiment.config.update({**run_config, "vaelab": extra}, allow_val_change=True)
@@ -223,9 +227,16 @@ class RunLoggers:
         return run_id
 
     def log_results(self, row: dict) -> None:
-        """The run's final results as one row of a W&B table (key `results`), so runs compare side by side."""
+        """The run's final results as one row of a W&B table (key `results`), so runs compare side by side; and
+        TensorBoard's HParams tab: the run's config (flattened by Lightning, also hparams.yaml) with its test
+        figures as the tab's metrics, under hp/ (the test/ curves keep their one point at the run's last step)."""
         for lg in self.wandb:
             lg.log_table(key="results", columns=list(row), data=[list(row.values())])
+        metrics = {f"hp/{k}": float(v) for k, v in row.items() if k.startswith("test/")}
+        for lg in self.tensorboard:
+            lg.log_hyperparams(self.run_config, metrics=metrics)
+            # Lightning writes hparams.yaml only when it is missing, and its first save left it {}
+            save_hparams_to_yaml(Path(lg.log_dir) / lg.NAME_HPARAMS_FILE, lg.hparams)
 
     def results(self, checkpoint_callback) -> tuple[dict | None, Path | None]:
         """At the end of a finished run (rank 0): offline checkpoint artifacts, and the W&B run's id, mode and
