@@ -190,3 +190,45 @@ def test_a_missing_data_set_is_one_message_and_leaves_no_folder(tmp_path):
     assert said.count("vaelab keeps data sets in") == 1
     assert not (tmp_path / "cache" / "vaelab").exists() and not (tmp_path / "data").exists()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("val_size, n_val", [("auto", 400), (0.25, 1000), (300, 300)])
+def test_val_size_is_a_count_a_fraction_or_auto_and_says_the_split(val_size, n_val, capsys):
+    """data.val_size takes a number of images, a fraction of the training images, or auto (a tenth, at most
+    1,000); a fraction or auto says the split it gave in one line. 4,000 synthetic training images here."""
+    m = ImageDataModule(name="synthetic", val_size=val_size, binarize="none")
+    m.setup("fit")
+    assert len(m.val_set) == n_val and len(m.train_set) + n_val == (4000 if val_size != 300 else 2300)
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("vaelab: ")]
+    assert said == ([] if val_size == 300 else
+                    [f"vaelab: 4,000 training images: {4000 - n_val:,} to train, {n_val:,} to validate "
+                     f"(data.val_size={val_size})"])
+
+
+def test_a_val_size_too_large_or_not_whole_says_what_would_fit():
+
+    m = ImageDataModule(name="synthetic", subset=100, val_size=5000, binarize="none")
+    with pytest.raises(ConfigError, match=r"^data.val_size=5000 leaves no training images out of 200; use fewer, "
+                                          r"e.g. data.val_size=auto \(20 images\) or a fraction such as "
+                                          r"data.val_size=0.1$"):
+        m.setup("fit")
+    with pytest.raises(ConfigError, match="a fraction of the training images below 1, or auto; got 2.5"):
+        ImageDataModule(name="synthetic", val_size=2.5)
+
+
+@pytest.mark.parametrize("n", [1, 5, 13])
+def test_the_reconstruction_grid_keeps_its_row_pairs_with_any_validation_size(n):
+    """Originals and their reconstructions alternate row by row whatever the number of validation images."""
+    from vaelab.evaluation.grids import reconstruction_grid
+    from vaelab.models import VAE
+
+    torch.manual_seed(0)
+    model = VAE((1, 8, 8), latent_dim=2, hidden_dim=16).eval()
+    x = torch.rand(n, 1, 8, 8)
+    x[:, 0, 0, 0] = torch.arange(n) / 16  # a mark per image, to find it in the grid
+    grid = reconstruction_grid(model, x)
+    cols, rows = (grid.shape[2] - 2) // 10, (grid.shape[1] - 2) // 10  # 8-pixel cells, 2-pixel padding
+    assert cols == min(8, n) and rows == 2 * (n // cols if n > 8 else 1)
+    for r in range(0, rows, 2):  # every other row: originals, in order
+        for c in range(cols):
+            assert grid[0, 2 + 10 * r, 2 + 10 * c] == pytest.approx(float(x[(r // 2) * cols + c, 0, 0, 0]))

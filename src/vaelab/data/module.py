@@ -7,14 +7,26 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from vaelab.checks import Arg, check_args, one_of, positive_int
+from vaelab.console import say
 from vaelab.data.batches import ExecutionPlan
 from vaelab.data.loader import InMemoryImages, InMemoryLoader, bernoulli_draw, binarize_once
 from vaelab.data.own import array_images, folder_images
 from vaelab.data.sources import SOURCES, Source, load_images, synthetic_images
 from vaelab.errors import ConfigError
+
+
+def val_count(val_size, n: int) -> int:
+    """How many of n training images data.val_size takes for validation: a count as it is; a fraction of n
+    (at least 1); auto: a tenth of n, at most 1,000 (own data of any size keeps most of its images to train on)."""
+    if val_size == "auto":
+        return max(1, min(1000, round(0.1 * n)))
+    if val_size < 1:
+        return max(1, round(val_size * n))
+    return int(val_size)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -38,7 +50,7 @@ class ImageDataModule(L.LightningDataModule):
         "binarize": one_of("data.binarize", "none", "static", "dynamic"),
         "batch_size": positive_int("data.batch_size"),
         "eval_batch_size": positive_int("data.eval_batch_size"),
-        "val_size": positive_int("data.val_size"),
+        "val_size": Arg("data.val_size", "number", 0, strict=True, auto=True),  # a count, a fraction, or auto
         "subset": positive_int("data.subset", nullable=True),
     }
 
@@ -62,6 +74,9 @@ class ImageDataModule(L.LightningDataModule):
         cache: bool = True,
     ) -> None:
         check_args(self.ARGS, locals())
+        if val_size != "auto" and val_size >= 1 and val_size != int(val_size):
+            raise ConfigError(f"data.val_size must be a number of images (a whole number), a fraction of the "
+                              f"training images below 1, or auto; got {val_size!r}")
         super().__init__()
         self.save_hyperparameters(logger=False)  # for checkpoints: vaelab-eval and -sample rebuild the data from them
         self.name, self.root, self.binarize = name, root, binarize
@@ -101,7 +116,8 @@ class ImageDataModule(L.LightningDataModule):
             return array_images(self.path)
         if self.source.generated:
             n = (self.subset or 2000)
-            return synthetic_images(n + min(self.val_size, n), 1), synthetic_images(n, 2)
+            extra = min(self.val_size, n) if self.val_size != "auto" and self.val_size >= 1 else n
+            return synthetic_images(n + int(extra), 1), synthetic_images(n, 2)
         return load_images(self.name, self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
@@ -124,12 +140,17 @@ class ImageDataModule(L.LightningDataModule):
     def _build(self) -> None:
         train_all, test = (torch.from_numpy(np.ascontiguousarray(a)) for a in self._raw())
         self.image_shape = tuple(int(d) for d in train_all.shape[1:])
-        if self.val_size >= train_all.shape[0]:
-            raise ConfigError(
-                f"data.val_size={self.val_size} leaves no training images out of {train_all.shape[0]}"
-            )
-        perm = torch.randperm(train_all.shape[0], generator=torch.Generator().manual_seed(self.split_seed))
-        train, val = train_all[perm[self.val_size:]], train_all[perm[: self.val_size]]
+        n = train_all.shape[0]
+        n_val = val_count(self.val_size, n)
+        if n_val >= n:
+            fits = val_count("auto", n)
+            raise ConfigError(f"data.val_size={self.val_size} leaves no training images out of {n}; use fewer, "
+                              f"e.g. data.val_size=auto ({fits:,} images) or a fraction such as data.val_size=0.1")
+        if self.val_size != n_val and rank_zero_only.rank == 0:  # auto or a fraction: the split it gave, said once
+            say(f"vaelab: {n:,} training images: {n - n_val:,} to train, {n_val:,} to validate "
+                f"(data.val_size={self.val_size})")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        train, val = train_all[perm[n_val:]], train_all[perm[:n_val]]
         if self.subset:
             train, val, test = train[: self.subset], val[: self.subset], test[: self.subset]
         if self.binarize == "static":

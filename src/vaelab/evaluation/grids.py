@@ -20,7 +20,10 @@ def sample_grid(model, n: int = 64, nrow: int = 8) -> Tensor:
 
 @torch.no_grad()
 def reconstruction_grid(model, x: Tensor, nrow: int = 8) -> Tensor:
-    """Rows of originals, each followed by the row of their reconstructions."""
+    """Rows of originals, each followed by the row of their reconstructions; with fewer than nrow images, one
+    pair of rows as wide as they are, and with more, whole rows only (so that every row keeps its pair)."""
+    nrow = min(nrow, x.shape[0])
+    x = x[: x.shape[0] - x.shape[0] % nrow]
     recons = model.reconstruct(x)
     rows = []
     for i in range(0, x.shape[0], nrow):
