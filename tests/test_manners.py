@@ -11,7 +11,7 @@ import pydoc
 
 import torch
 import wandb_files
-from conftest import TINY, run_app
+from conftest import ROOT, TINY, run_app
 
 import vaelab
 
@@ -94,3 +94,29 @@ def test_train_false_callbacks_none_and_logger_many(tmp_path, fashion_mnist):
     assert math.isfinite(plain["metrics"]["test/nll"])
     assert [p.name for p in (tmp_path / "bare" / "checkpoints").iterdir()] == ["epoch=0-step=8.ckpt"]
     assert not (tmp_path / "bare" / "samples").exists()
+
+
+def test_vaelab_train_help_is_vaelabs_own():
+    """--help lists the groups a user picks with their options (the default first, every one a file in conf/),
+    no internal part (data's common and synthetic, paths, hydra), three example commands; Hydra's own text is
+    behind --hydra-help."""
+    proc = run_app("--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("vaelab-train: ") and "powered by Hydra" not in proc.stdout
+    start = lines.index("Pick a part with group=option (the default first; the optional groups have none):") + 1
+    listed = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        name, options = line.split(None, 1)
+        listed[name] = options.split(", ")
+    conf = ROOT / "conf"
+    assert set(listed) == {p.name for p in conf.iterdir() if p.is_dir()} - {"hydra", "paths"}
+    for name, options in listed.items():
+        assert all((conf / name / f"{o}.yaml").is_file() for o in options), (name, options)
+    assert listed["data"][0] == "fashion_mnist" and not {"common", "synthetic"} & set(listed["data"])
+    assert listed["model"][0] == "vanilla" and listed["prior"][0] == "standard"
+    examples = [ln for ln in lines[lines.index("Examples:") + 1:] if ln.startswith("  vaelab-train ")]
+    assert len(examples) == 3 and any(" -m " in ln for ln in examples)
+    assert "--hydra-help" in lines[-1]

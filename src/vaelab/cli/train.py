@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.cli.config import CONF_DIR, build, build_model, check_consistency, print_config, spec, validate
 from vaelab.cli.guard import discard_if_stub
+from vaelab.cli.help import help_text  # noqa: F401 - registers ${vaelab_help:}, the text of --help
 from vaelab.cli.rundirs import RunState, finished, resume_from, save_json
 from vaelab.cli.sweeps import use_job_share
 from vaelab.console import say
