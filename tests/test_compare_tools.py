@@ -57,6 +57,8 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report_run,) = (root / "wandb").glob("offline-run-*")
     assert wandb_files.run_info(report_run)["job_type"] == "report"
+    # into the runs' own W&B group (results.json), not one named after the folder the report was given
+    assert wandb_files.run_info(report_run)["group"] == f"compare-{sweep.name}" != f"compare-{root.name}"
     logged = {k for row in wandb_files.history(report_run) for k in row}
     assert {"report/table/_type", "report/curves/_type", "report/samples/_type"} <= logged
     results = _results(root)
@@ -73,6 +75,15 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
     assert len(per_config) == 4 and sum(int(r["finished"]) for r in per_config) == 3
     md = (root / "report.md").read_text()
     assert "Failed runs:" in md and "| configuration |" in md
+    # each finished run linked to its W&B run: id, group, and (offline) its directory with the wandb sync line
+    links = md.split("W&B runs:\n")[1].split("\n\n")[0].splitlines()
+    assert len(links) == 3, links
+    for name, res in results.items():
+        w = res["wandb"]
+        (line,) = [ln for ln in links if ln.startswith(f"- `{root / name}` ")]
+        assert line.endswith(f": W&B run {w['id']}, group compare-{sweep.name}: offline: {w['dir']} (upload: "
+                             f"wandb sync {w['dir']})"), line
+        assert Path(w["dir"]).name.endswith(w["id"]) and w["mode"] == "offline" and w["url"] is None
     for name in ("curves.png", "samples.png"):
         assert (root / name).stat().st_size > 10_000
 
@@ -158,6 +169,7 @@ def test_the_report_page_opens_in_a_real_browser(sweep, tmp_path):
     assert page.count('src="data:image/png;base64,') >= 2 + 4 * 3  # NLL, curves, each model's three grids
     assert page.count("<b>GMM samples</b>") == 4  # drawn by the report for every configuration
     assert "(nll.png)" in paths["report.md"].read_text() and "(report.html)" in paths["report.md"].read_text()
+    assert page.count("wandb sync ") == 4 and "<h2>W&amp;B runs</h2>" in page  # each run linked to its W&B run
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                "--allow-file-access-from-files", "--virtual-time-budget=10000"]
     # a wrapper page reads the report's images from its frame (file:// pages of one folder may, with the flag)

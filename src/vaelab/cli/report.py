@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.cli.report_page import curves_figure, nll_figure, write_page
+from vaelab.cli.report_page import curves_figure, nll_figure, wandb_links, write_page
 from vaelab.files import atomic_write
 
 COLUMNS = [  # (results key, table header)
@@ -154,6 +154,8 @@ def markdown(rows: list[dict], runs: list[Run]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in runs if r.status != "finished"]
     text = "\n".join(lines)
+    if links := wandb_links(runs):
+        text += "\n\nW&B runs:\n" + "\n".join(f"- `{r.path}` ({r.label}, seed {r.seed}): {line}" for r, line in links)
     if failed:
         text += "\n\nFailed runs:\n" + "\n".join(f"- `{r.path}` ({r.label}, seed {r.seed}): {r.error}" for r in failed)
     return text + "\n"
@@ -236,12 +238,18 @@ def plot_samples(root: Path, runs: list[Run]) -> Path:
     return path
 
 
-def log_to_wandb(root: Path, rows: list[dict], figures: list[Path], project: str) -> None:
+def runs_group(root: Path, runs: list[Run]) -> str:
+    """The W&B group the runs logged to (results.json), when they share one; else the sweep's default name."""
+    groups = {(r.results.get("wandb") or {}).get("group") for r in runs} - {None}
+    return groups.pop() if len(groups) == 1 else f"sweep-{root.name}"
+
+
+def log_to_wandb(root: Path, rows: list[dict], figures: list[Path], project: str, group: str) -> None:
     import wandb
 
     from vaelab.training.loggers import resolve_wandb_mode
 
-    run = wandb.init(project=project, job_type="report", name=f"report-{root.name}", group=root.name,
+    run = wandb.init(project=project, job_type="report", name=f"report-{root.name}", group=group,
                      dir=str(root), mode=resolve_wandb_mode("auto"))
     table = wandb.Table(columns=list(rows[0]), data=[[row[c] for c in rows[0]] for row in rows])
     run.log({"report/table": table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in figures}})
@@ -273,7 +281,8 @@ def draw_gmm_samples(runs: list[Run], components: int = 10) -> None:
             print(f"vaelab-report: no GMM samples for {run.label} ({run.path}): {exc}", file=sys.stderr, flush=True)
 
 
-def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab", gmm: bool = True) -> dict[str, Path]:
+def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab", gmm: bool = True,
+           group: str | None = None) -> dict[str, Path]:
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"error: {root} is not a directory; pass an outputs/ or multirun directory.")
@@ -290,7 +299,8 @@ def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab", g
         draw_gmm_samples(runs)
     paths["report.html"] = write_page(root, rows, runs, COLUMNS)
     if use_wandb:
-        log_to_wandb(root, rows, [paths["curves.png"], paths["nll.png"], paths["samples.png"]], project)
+        log_to_wandb(root, rows, [paths["curves.png"], paths["nll.png"], paths["samples.png"]], project,
+                     group or runs_group(root, runs))
     print(paths["report.md"].read_text())
     print("\n".join(f"  {name:<12} {p}" for name, p in paths.items()))
     return paths
@@ -301,10 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", help="an outputs/ or multirun directory holding finished runs")
     parser.add_argument("--wandb", action="store_true", help="also log the table and figures to W&B")
     parser.add_argument("--project", default="vaelab", help="W&B project for --wandb")
+    parser.add_argument("--group", help="W&B group for --wandb (default: the group the runs logged to)")
     parser.add_argument("--no-gmm", action="store_true",
                         help="do not draw GMM samples for the runs that have none (they read each run's data set)")
     args = parser.parse_args(argv)
-    report(args.directory, args.wandb, args.project, gmm=not args.no_gmm)
+    report(args.directory, args.wandb, args.project, gmm=not args.no_gmm, group=args.group)
 
 
 if __name__ == "__main__":

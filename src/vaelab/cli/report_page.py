@@ -129,6 +129,20 @@ figure img{width:360px;image-rendering:pixelated}
 .config{margin-bottom:1.5em}"""
 
 
+def wandb_links(runs) -> list[tuple[object, str]]:
+    """Each run's W&B run in one line: its id and page online; offline, its directory and the `wandb sync` that
+    uploads it (from results.json); runs without W&B are left out."""
+    links = []
+    for run in runs:
+        w = run.results.get("wandb") or {}
+        if not w.get("id"):
+            continue
+        where = w["url"] if w.get("url") else f"offline: {w.get('dir')} (upload: wandb sync {w.get('dir')})"
+        group = f", group {w['group']}" if w.get("group") else ""
+        links.append((run, f"W&B run {w['id']}{group}: {where}"))
+    return links
+
+
 def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]]) -> Path:
     head = ["configuration", "seeds", *[h for _, h in columns]]
     body = []
@@ -144,6 +158,11 @@ def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]
     failed_html = "" if not failed else "<h2>Runs that did not finish</h2><ul>" + "".join(
         f"<li><code>{html.escape(str(r.path))}</code> ({html.escape(r.label)}, seed {r.seed}): "
         f"{html.escape(str(r.error or r.status))}</li>" for r in failed) + "</ul>"
+    links = wandb_links(runs)
+    links_html = "" if not links else "<h2>W&amp;B runs</h2><ul>" + "".join(
+        f"<li><code>{html.escape(str(r.path))}</code> ({html.escape(r.label)}, seed {r.seed}): "
+        + (f'W&amp;B run <a href="{html.escape(r.results["wandb"]["url"])}">{html.escape(r.results["wandb"]["id"])}</a>'
+           if r.results["wandb"].get("url") else html.escape(line)) + "</li>" for r, line in links) + "</ul>"
     sections = []
     for title, found in grids(runs):
         figures = "".join(f'<figure><img src="{_data_uri(png.read_bytes())}" alt="{html.escape(title)}: {name}">'
@@ -155,7 +174,7 @@ def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]
 <style>{STYLE}</style></head><body>
 <h1>vaelab report</h1><p><code>{html.escape(str(root))}</code>: {len(runs)} runs, {len(rows)} configurations. Test
 metrics in nats per image (bits/dim aside); mean ± std over seeds.</p>
-<h2>Results</h2>{table}{failed_html}
+<h2>Results</h2>{table}{failed_html}{links_html}
 <h2>Test NLL</h2><img src="{_data_uri(nll_figure(rows, runs))}" alt="test NLL per configuration">
 <h2>Training and validation curves</h2><img src="{_data_uri(curves_figure(runs))}" alt="training and validation curves">
 <h2>Samples and reconstructions</h2>{''.join(sections) or '<p>No sample grids were found.</p>'}

@@ -245,8 +245,10 @@ class RunLoggers:
         for lg in self.wandb:
             log_checkpoints_offline(lg, checkpoint_callback)
             run_dir = wandb_run_dir(lg)
-            entry = {"id": lg.experiment.id, "mode": lg.experiment.settings.mode,
-                     "dir": str(run_dir) if run_dir else None}
+            run = lg.experiment
+            entry = {"id": run.id, "mode": run.settings.mode, "dir": str(run_dir) if run_dir else None,
+                     "group": run.group or None, "project": run.project,
+                     "url": run.url if run.settings.mode == "online" else None}
         return entry, run_dir
 
     def preempted(self) -> None:
