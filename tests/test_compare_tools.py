@@ -170,6 +170,14 @@ def test_the_report_page_opens_in_a_real_browser(sweep, tmp_path):
     assert page.count("<b>GMM samples</b>") == 4  # drawn by the report for every configuration
     assert "(nll.png)" in paths["report.md"].read_text() and "(report.html)" in paths["report.md"].read_text()
     assert page.count("wandb sync ") == 4 and "<h2>W&amp;B runs</h2>" in page  # each run linked to its W&B run
+    # the table's columns, and a header saying when, by which command and version, and what differs
+    assert all(f"<th>{h}</th>" in page for h in ("MC s.e.", "parameters", "epochs", "train time (s)"))
+    from vaelab import __version__
+
+    assert f"by vaelab {__version__}, from\n<code>vaelab-train -m experiment=compare " in page
+    differ = page.split("Config keys that differ between the configurations: ")[1].split("</p>")[0]
+    assert "<code>model._target_</code>" in differ and "<code>prior._target_</code>" in differ, differ
+    assert "<code>seed</code>" not in differ and "paths." not in differ
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                "--allow-file-access-from-files", "--virtual-time-budget=10000"]
     # a wrapper page reads the report's images from its frame (file:// pages of one folder may, with the flag)

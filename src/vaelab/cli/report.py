@@ -16,6 +16,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Run:
     results: dict = field(default_factory=dict)
     error: str | None = None
     curves: dict = field(default_factory=dict)  # validation curves from metrics.csv: {key: [(epoch, value)]}
+    config: dict = field(default_factory=dict)  # .hydra/config.yaml, flattened (key.subkey: value), unresolved
+    overrides: list = field(default_factory=list)  # .hydra/overrides.yaml: this job's command-line overrides
 
     @property
     def metrics(self) -> dict:
@@ -86,12 +89,41 @@ def read_run(hydra_dir: Path) -> tuple[Run, list[str]]:
         if not isinstance(results, dict) or not isinstance(results.get("metrics", {}), dict):
             raise BrokenRun("results.json holds no object with metrics")
         status, error = results.get("status", "finished"), results.get("error")
-    run = Run(run_dir, _base_label(cfg), cfg.get("seed"), status, results, error)
+    run = Run(run_dir, _base_label(cfg), cfg.get("seed"), status, results, error, overrides=overrides,
+              config=_flat(OmegaConf.to_container(cfg, resolve=False)))
     try:
         run.curves = _val_curves(run)
     except (ValueError, KeyError, UnicodeDecodeError, csv.Error) as exc:
         raise BrokenRun(f"metrics.csv cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
     return run, _extra_overrides(overrides)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """The config keys whose values differ between the runs' configurations (not seed, not where runs write)."""
+    keys = sorted({k for r in runs for k in r.config})
+    return [k for k in keys if k != "seed" and not k.startswith(("paths.", "hydra."))
+            and len({repr(r.config.get(k)) for r in runs}) > 1]
+
+
+def commands(root: Path, runs: list[Run]) -> list[str]:
+    """The command(s) that made the runs: a sweep's from its multirun.yaml, else each distinct run's overrides."""
+    sweep = root / "multirun.yaml"
+    if sweep.is_file():
+        try:
+            task = OmegaConf.load(sweep).hydra.overrides.task
+            return ["vaelab-train -m " + " ".join(str(o) for o in task)]
+        except Exception:  # noqa: BLE001 - an unreadable multirun.yaml: the runs' own overrides say it too
+            pass
+    return list(dict.fromkeys("vaelab-train " + " ".join(r.overrides) for r in runs))
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -132,6 +164,7 @@ def summarise(runs: list[Run]) -> list[dict]:
             row[key], row[key + " std"] = _mean_std([r.metrics[key] for r in done if key in r.metrics])
         row["parameters"] = done[0].results.get("num_parameters") if done else None
         row["train time s"], _ = _mean_std([r.results["train_time_s"] for r in done if "train_time_s" in r.results])
+        row["nll mc se"], _ = _mean_std([r.metrics["test/nll_mc_se"] for r in done if "test/nll_mc_se" in r.metrics])
         row["epochs"] = done[0].results.get("epochs") if done else None
         rows.append(row)
     return rows
@@ -264,19 +297,22 @@ def draw_gmm_samples(runs: list[Run], components: int = 10) -> None:
     from vaelab.errors import VaelabError
     from vaelab.evaluation.samplers import draw_gmm
 
-    done = set()
-    for run in runs:
-        if run.status != "finished" or run.label in done:
-            continue
-        done.add(run.label)
+    firsts = {}
+    for run in runs:  # each configuration's first finished run, the one the page shows
+        if run.status == "finished":
+            firsts.setdefault(run.label, run)
+    todo = [r for r in firsts.values() if not list((r.path / "samples").glob("*/gmm_samples.png"))]
+    for k, run in enumerate(todo, 1):
         ckpt = Path(run.results.get("best_checkpoint") or run.path / "checkpoints" / "last.ckpt")
-        if list((run.path / "samples").glob("*/gmm_samples.png")):
-            continue
+        t0 = time.perf_counter()
+        print(f"vaelab-report: GMM samples {k}/{len(todo)}: {run.label} (reads its data set; --no-gmm skips "
+              "this) ...", flush=True)
         try:
             _, datamodule, model = restore(ckpt)
             if len(datamodule.train_set) < components:
                 raise VaelabError(f"{len(datamodule.train_set)} training images are too few for {components} components")
             draw_gmm(model, datamodule, run.path / "samples" / ckpt.stem, components)
+            print(f"vaelab-report: GMM samples {k}/{len(todo)}: done in {time.perf_counter() - t0:.0f} s", flush=True)
         except (VaelabError, OSError, ValueError) as exc:
             print(f"vaelab-report: no GMM samples for {run.label} ({run.path}): {exc}", file=sys.stderr, flush=True)
 
@@ -297,7 +333,7 @@ def report(root: str | Path, use_wandb: bool = False, project: str = "vaelab", g
     paths["samples.png"] = plot_samples(root, runs)
     if gmm:
         draw_gmm_samples(runs)
-    paths["report.html"] = write_page(root, rows, runs, COLUMNS)
+    paths["report.html"] = write_page(root, rows, runs, COLUMNS, commands(root, runs), differing_keys(runs))
     if use_wandb:
         log_to_wandb(root, rows, [paths["curves.png"], paths["nll.png"], paths["samples.png"]], project,
                      group or runs_group(root, runs))

@@ -8,13 +8,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import statistics
+import time
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from vaelab.files import atomic_write
@@ -37,32 +40,48 @@ def _name(run) -> str:
 
 
 def curves_figure(runs) -> bytes:
-    """Training (top) and validation (bottom) ELBO, reconstruction and KL per epoch: a legend on every panel,
-    markers where runs are short, integer epoch ticks."""
+    """Training (top) and validation (bottom) ELBO, reconstruction and KL per epoch: one colour per configuration,
+    its seeds as thin lines and their mean as a thick one (dotted: a run that did not finish), one legend for the
+    figure, markers where runs are short, integer epoch ticks."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+    labels = list(dict.fromkeys(r.label for r in runs))
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for row, split in enumerate(("train", "val")):
         for col, key in enumerate(CURVE_KEYS):
             ax = axes[row][col]
             drawn, epochs = False, []
-            for run in runs:
-                points = run.curves.get(f"{split}/{key}", [])
-                if not points:
-                    continue
-                marker = "o" if len(points) <= SHORT_RUN else None
-                ax.plot(*zip(*points), marker=marker, label=_name(run),
-                        linestyle="-" if run.status == "finished" else ":")
-                drawn, epochs = True, epochs + [x for x, _ in points]
+            for label in labels:
+                seeds = [(r, r.curves.get(f"{split}/{key}", [])) for r in runs if r.label == label]
+                seeds = [(r, points) for r, points in seeds if points]
+                for run, points in seeds:
+                    marker = "o" if len(points) <= SHORT_RUN and len(seeds) == 1 else None
+                    ax.plot(*zip(*points), marker=marker, color=colour[label], markersize=4,
+                            linewidth=1.8 if len(seeds) == 1 else 0.8, alpha=1.0 if len(seeds) == 1 else 0.35,
+                            linestyle="-" if run.status == "finished" else ":")
+                    epochs += [x for x, _ in points]
+                if len(seeds) > 1:  # the mean over the seeds at the epochs they share
+                    by_epoch: dict = {}
+                    for _, points in seeds:
+                        for x, y in points:
+                            by_epoch.setdefault(x, []).append(y)
+                    shared = sorted(x for x, ys in by_epoch.items() if len(ys) == len(seeds))
+                    ax.plot(shared, [statistics.fmean(by_epoch[x]) for x in shared], color=colour[label],
+                            linewidth=2.2, marker="o" if len(shared) <= SHORT_RUN else None, markersize=4)
+                drawn = drawn or bool(seeds)
             if epochs:  # whole epochs only, with room around a single one
                 ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
             ax.set_title(f"{'training' if split == 'train' else 'validation'} {CURVE_TITLES[key]}")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
-            if drawn:
-                ax.legend(fontsize=7)
-            else:
+            if not drawn:
                 ax.text(0.5, 0.5, "no points recorded", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
+    seeds_of = {label: sum(r.label == label for r in runs) for label in labels}
+    handles = [Line2D([], [], color=colour[label], linewidth=2.2) for label in labels]
+    names = [f"{label} ({seeds_of[label]} seeds: thin, mean: thick)" if seeds_of[label] > 1 else label
+             for label in labels]
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(labels) - 1) // 4), 1, 1))
     return _png(fig)
 
 
@@ -143,14 +162,23 @@ def wandb_links(runs) -> list[tuple[object, str]]:
     return links
 
 
-def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]]) -> Path:
-    head = ["configuration", "seeds", *[h for _, h in columns]]
+def _num(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]], commands: list[str] = (),
+               differing: list[str] = ()) -> Path:
+    from vaelab import __version__
+
+    head = ["configuration", "seeds", *[h for _, h in columns], "MC s.e.", "parameters", "epochs", "train time (s)"]
     body = []
     for row in rows:
         cells = [html.escape(str(row["configuration"])), str(row["finished"])]
         for key, _ in columns:
             mean, std = row.get(key), row.get(key + " std")
             cells.append("" if mean is None else (f"{mean:.2f} ± {std:.2f}" if row["finished"] > 1 else f"{mean:.2f}"))
+        cells += [_num(row.get("nll mc se"), ".3f"), _num(row.get("parameters"), ","), _num(row.get("epochs"), "d"),
+                  _num(row.get("train time s"), ".0f")]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body)
              + "</table>")
@@ -173,7 +201,12 @@ def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]
 <html lang="en"><head><meta charset="utf-8"><title>vaelab report: {html.escape(root.name)}</title>
 <style>{STYLE}</style></head><body>
 <h1>vaelab report</h1><p><code>{html.escape(str(root))}</code>: {len(runs)} runs, {len(rows)} configurations. Test
-metrics in nats per image (bits/dim aside); mean ± std over seeds.</p>
+metrics in nats per image (bits/dim aside); mean ± std over seeds; MC s.e.: the Monte Carlo standard error of
+the importance-sampled test NLL.</p>
+<p class="meta">Made {html.escape(time.strftime("%Y-%m-%d %H:%M %Z"))} by vaelab {html.escape(__version__)}, from
+{"; ".join(f"<code>{html.escape(c)}</code>" for c in commands) or "runs without a recorded command"}.
+{"Config keys that differ between the configurations: " + ", ".join(f"<code>{html.escape(k)}</code>"
+ for k in differing) + "." if differing else "The configurations differ in no config key but the seed."}</p>
 <h2>Results</h2>{table}{failed_html}{links_html}
 <h2>Test NLL</h2><img src="{_data_uri(nll_figure(rows, runs))}" alt="test NLL per configuration">
 <h2>Training and validation curves</h2><img src="{_data_uri(curves_figure(runs))}" alt="training and validation curves">
