@@ -35,20 +35,24 @@ def sbatch_script(overrides: list[str]) -> str:
     launcher = cfg.hydra.launcher
     params = {k: launcher[k] for k in launcher if k not in ("_target_", "submitit_folder")}  # resolved
     folder = launcher.submitit_folder
+    path = os.environ.get("PATH", "")
     if not shutil_which("srun"):  # submitit refuses a SLURM executor without srun; we only render the script,
         stub_dir = tempfile.mkdtemp(prefix="vaelab-srun-")  # so a placeholder that is never run will do
         stub = Path(stub_dir) / "srun"
         stub.write_text("#!/bin/sh\nexit 1\n")
         stub.chmod(0o755)
-        os.environ["PATH"] = f"{stub_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    # the same split of settings as hydra_submitit_launcher's launch(): init keys, shared keys, slurm_ keys
-    executor = submitit.AutoExecutor(cluster="slurm", folder=folder,
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    slurm = executor._executor
-    # the job runs submitit's pickled call of the app with these overrides, as the launcher submits it
-    return slurm._make_submission_file_text(slurm._submitit_command_str, "%j")
+        os.environ["PATH"] = f"{stub_dir}{os.pathsep}{path}"
+    try:
+        # the same split of settings as hydra_submitit_launcher's launch(): init keys, shared keys, slurm_ keys
+        executor = submitit.AutoExecutor(cluster="slurm", folder=folder,
+                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+        slurm = executor._executor
+        # the job runs submitit's pickled call of the app with these overrides, as the launcher submits it
+        return slurm._make_submission_file_text(slurm._submitit_command_str, "%j")
+    finally:  # the placeholder srun must not outlive the preview: Lightning would take this process for a SLURM node
+        os.environ["PATH"] = path
 
 
 if __name__ == "__main__":

@@ -54,10 +54,16 @@ def test_slurm_launcher_renders_a_two_node_four_gpu_job_script():
     import sys
 
     sys.path.insert(0, str(__import__("conftest").ROOT / "scripts"))
+    import os
+
     from slurm_preview import sbatch_script
 
+    path = os.environ.get("PATH")
     script = sbatch_script(["hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu",
                             "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4", "resume=auto"])
+    # its placeholder srun is gone again: the apps this test process starts later must not find one (Lightning
+    # then warns on every run that srun is not used)
+    assert os.environ.get("PATH") == path
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@120", "#SBATCH --job-name=vaelab-train",
                  "-m submitit.core._submit"):
