@@ -131,6 +131,12 @@ def mount_point(path: Path) -> Path:
     return path
 
 
+def checkpoint_dir(trainer) -> Path | None:
+    """Where a trainer's checkpoints are (what a failed write says is kept), or None."""
+    callback = trainer.checkpoint_callback
+    return Path(callback.dirpath) if callback is not None and getattr(callback, "dirpath", None) else None
+
+
 def save_failure(exc: OSError, path: Path, checkpoints: Path | None = None) -> str:
     """One sentence for a save that failed: what, where, what is kept (the checkpoints in `checkpoints`, by
     default path's own folder), and what to do."""

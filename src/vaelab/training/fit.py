@@ -13,9 +13,8 @@ import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from vaelab.errors import ConfigError, DistributedError, SaveError
-from vaelab.training.callbacks.grids import checkpoint_dir
 from vaelab.training.callbacks.preemption import Preempted
-from vaelab.training.checkpoints import save_failure
+from vaelab.training.checkpoints import checkpoint_dir, save_failure
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: str | None) -> Preempted | None:

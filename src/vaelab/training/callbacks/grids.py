@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vaelab.errors import SaveError
 from vaelab.evaluation.grids import all_grids, grid_note
-from vaelab.training.checkpoints import save_failure
+from vaelab.training.checkpoints import checkpoint_dir, save_failure
 
 
 def to_uint8(grid: Tensor) -> np.ndarray:
@@ -25,10 +25,14 @@ def to_uint8(grid: Tensor) -> np.ndarray:
     return grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
 
 
-def checkpoint_dir(trainer: L.Trainer) -> Path | None:
-    """Where the run's checkpoints are (what a failed write says is kept), or None."""
-    callback = trainer.checkpoint_callback
-    return Path(callback.dirpath) if callback is not None and getattr(callback, "dirpath", None) else None
+def write_png(trainer: L.Trainer, path: Path, write) -> None:
+    """write(path); a failure (a full disk) is the run's one sentence, as for a checkpoint, with no half-written
+    PNG left."""
+    try:
+        write(path)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise SaveError(save_failure(exc, path, checkpoint_dir(trainer))) from None
 
 
 def log_image(trainer: L.Trainer, key: str, pixels: np.ndarray, caption: str) -> None:
@@ -68,12 +72,7 @@ class ImageGrids(L.Callback):
             return
         if self._drawn is not None and self._drawn[0] == trainer.global_step:  # the same weights: copy, not redraw
             for name, path in self._drawn[1].items():
-                final = self.save_dir / f"{name}_final.png"
-                try:
-                    shutil.copyfile(path, final)
-                except OSError as exc:
-                    final.unlink(missing_ok=True)
-                    raise SaveError(save_failure(exc, final, checkpoint_dir(trainer))) from None
+                write_png(trainer, self.save_dir / f"{name}_final.png", lambda dst, src=path: shutil.copyfile(src, dst))
             return
         self.write(trainer, pl_module, tag="final")
 
@@ -93,11 +92,7 @@ class ImageGrids(L.Callback):
         for name, grid in grids.items():
             pixels = to_uint8(grid)
             paths[name] = self.save_dir / f"{name}_{tag}.png"
-            try:
-                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(paths[name])
-            except OSError as exc:  # a full disk: one sentence, as for a checkpoint, and no half-written PNG
-                paths[name].unlink(missing_ok=True)
-                raise SaveError(save_failure(exc, paths[name], checkpoint_dir(trainer))) from None
+            write_png(trainer, paths[name], Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save)
             note = grid_note(name, model, self.num_samples)
             log_image(trainer, f"images/{name}", pixels,
                       f"{name}, {tag}, step {trainer.global_step}" + (f", {note}" if note else ""))
