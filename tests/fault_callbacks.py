@@ -131,8 +131,8 @@ class FreezeWandbAtTestEnd(L.Callback):
 
 
 class SignalLauncherAt(L.Callback):
-    """In sweep job `job`: send `signum` to the launching process (the stacked launcher, this job's parent) when
-    training reaches `step`, as a cluster's stop signal to the whole job would arrive there."""
+    """In sweep job `job`: send `signum` to the sweep's process (the stacked launcher's, which runs its members as
+    threads) when training reaches `step`, as a cluster's stop signal to the whole job would arrive there."""
 
     def __init__(self, step: int, signum: int = signal.SIGTERM, job: int = 0) -> None:
         self.step, self.signum, self.job = step, signum, job
@@ -142,11 +142,13 @@ class SignalLauncherAt(L.Callback):
 
         steps = batch_counts(batch, execution_plan_of(trainer))[0]
         if HydraConfig.get().job.num == self.job and trainer.global_step <= self.step < trainer.global_step + steps:
-            os.kill(os.getppid(), self.signum)
+            os.kill(os.getpid(), self.signum)
 
 
 class StopAt(L.Callback):
-    """Send a real stop signal to this process at one point of a run, named `where`:
+    """Send a real stop signal to this process at one point of a run, named `where` (a stacked sweep's member, a
+    thread of the sweep's process, is flagged as the signal flags every member, but alone: each member stops at its
+    own point while the others go on):
     step:N (the execution holding optimiser step N starts), val:E (a validation batch of epoch E), checkpoint:E
     (epoch E's validation has ended: its grids are drawn, its checkpoints are about to be saved), epoch_end:E
     (epoch E's train/ figures are being logged), train_end (training has ended) and test:B (test batch B).
@@ -164,7 +166,13 @@ class StopAt(L.Callback):
     def _send(self, kind: str, at: int | None = None) -> None:
         if not self.sent and kind == self.kind and at == self.at:
             self.sent = True
-            os.kill(os.getpid(), self.signum)
+            from vaelab.training.stack_group import current_member
+
+            member = current_member()
+            if member is not None:
+                member.stop(signal.Signals(self.signum).name)
+            else:
+                os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         steps = batch_counts(batch, execution_plan_of(trainer))[0]
@@ -210,3 +218,18 @@ class StallAt(L.Callback):
         until = time.monotonic() + self.seconds
         while time.monotonic() < until and not any(c.signal_name for c in watch):
             time.sleep(0.05)
+
+
+class RecordProcess(L.Callback):
+    """Write where this run trains (process id, thread name, child processes) to where.json in its run directory."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import json
+        import multiprocessing
+        import threading
+        from pathlib import Path
+
+        where = {"pid": os.getpid(), "thread": threading.current_thread().name,
+                 "children": len(multiprocessing.active_children()), "threads": torch.get_num_threads(),
+                 "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        (Path(trainer.default_root_dir) / "where.json").write_text(json.dumps(where))

@@ -27,6 +27,12 @@ def test_benchmark_runs_and_writes_its_figures(fashion_mnist, tmp_path, name):
     assert figures["benchmark"] == name and figures["environment"]["torch"]
     rows = figures.get("rows") or figures.get("results")
     assert rows, figures
+    if name == "sweep_throughput":  # issue 31's schema: one row per (kind, device, n)
+        assert [(r["kind"], r["n"]) for r in rows] == [("bare", 1), ("bare", 2)]
+        for r in rows:
+            assert r["stacked_img_s"] > 0 and r["sequential_img_s"] > 0 and r["peak_rss_mb"] > 0 and r["device"]
+            assert r["host_syncs_per_step"] == 0  # the stacked step never waits for the host
+        assert rows[0]["ops_per_step"] == rows[1]["ops_per_step"] > 0  # flat in N
     if name == "train_throughput":
         (flow,) = figures["flow_cost"]  # posterior=iaf against the Gaussian, measured in the same run
         assert flow["flow"] == "iaf" and flow["step time ratio"] > 0

@@ -54,11 +54,28 @@ def assert_same_runs(got: dict, want: dict) -> None:
 
 def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashion_mnist):
     solo, _ = sweep(tmp_path, *SWEEP, name="solo")  # Hydra's basic launcher: one job after another
-    stacked, proc = sweep(tmp_path, *STACKED, *SWEEP, name="stacked")
+    stacked, proc = sweep(tmp_path, *STACKED, *SWEEP, "+callbacks.where._target_=fault_callbacks.RecordProcess",
+                          name="stacked")
     assert "4 jobs as one stacked model on cpu" in proc.stdout + proc.stderr
     want = members(solo)
     assert len(want) == 4
     assert_same_runs(members(stacked), want)
+    # one process: each member a thread of the sweep's process, no member processes
+    where = [json.loads(p.read_text()) for p in sorted(stacked.glob("*/where.json"))]
+    assert len({w["pid"] for w in where}) == 1, where
+    assert [w["thread"] for w in where] == [f"vaelab-member-{i}" for i in range(4)] and not any(
+        w["children"] for w in where), where
+    # the console: the stack's progress lines and one line per member as it ends, none of the members' own lines
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith("[")]
+    ended = [ln for ln in lines if ln.startswith("vaelab: #")]
+    assert sorted(ln.split()[1] for ln in ended) == ["#0", "#1", "#2", "#3"], lines
+    assert all("finished: test/nll " in ln and ", 2 epochs, " in ln and str(stacked) in ln for ln in ended), ended
+    progress = [ln for ln in lines if ln.startswith("stacked: 4 of 4 members training, epoch ")]
+    assert [ln.split(",")[1] for ln in progress] == [" epoch 1/2", " epoch 2/2"] and all(
+        "img/s, ETA " in ln for ln in progress), lines
+    assert len(lines) == len(ended) + len(progress), lines  # no member's start, epoch or summary lines
+    train_log = (stacked / "0" / "train.log").read_text()  # each member's own lines are in its train.log
+    assert "vaelab: vanilla / standard prior" in train_log and "  test/nll " in train_log
 
     # vaelab-report cannot tell the stacked sweep from the one run job after job
     from vaelab.cli.report import report
@@ -349,50 +366,34 @@ def test_jobs_whose_built_models_differ_never_share_a_stack(tmp_path, two_shapes
 
 
 def test_a_member_that_built_another_model_is_refused_in_one_sentence():
-    """The stack server's own check, behind the grouping: a member whose model, image shape, batch or optimiser
-    differs from its stack's is refused, naming both members and what differs, and never joins (no hang)."""
-    from vaelab.training.stack_server import RETIRED, StackServer
+    """The group's own check, behind the grouping: a member whose model, image shape, batch or optimiser differs
+    from its stack's is refused, naming both members and what differs, and never joins (no hang)."""
+    from vaelab.training.stack_group import StackError, StackGroup
 
-    class Pipe:
-        def __init__(self) -> None:
-            self.sent = []
+    def built(shape, batch=50):
+        spec = {"_target_": "vaelab.models.vae.VAE", "image_shape": shape}
+        return {"spec": spec, "image shape": "x".join(map(str, shape)), "batch size": batch,
+                "steps per execution": 1, "optimizer": "adam"}
 
-        def send(self, message) -> None:
-            self.sent.append(message)
-
-    def member(shape, batch=50):
-        spec = {"model": {"_target_": "vaelab.models.vae.VAE", "image_shape": shape}}
-        return {"spec": spec, "image_shape": shape, "batch": batch, "steps": 1, "optimizer": "adam"}
-
-    server = StackServer([Pipe(), Pipe()], names=["member 0 (a)", "member 1 (b)"])
-    assert server._refusal(0, member([1, 28, 28])) is None
-    said = server._refusal(1, member([1, 32, 32], batch=100))
-    assert said.startswith("member 1 (b) cannot join the stack of member 0 (a): its model, image shape, batch size "
+    group = StackGroup(["member 0 (a)", "member 1 (b)"])
+    assert group._refusal(0, built([1, 28, 28])) is None
+    said = group._refusal(1, built([1, 32, 32], batch=100))
+    assert said.startswith("member 1 (b) cannot join the stack of member 0 (a): its image shape, batch size, model "
                            "differ (image shape 1x32x32 against 1x28x28; batch size 100 against 50)"), said
-    assert server._refusal(1, member([1, 28, 28])) is None
-    server.conns[1].recv = lambda: ("register", member([1, 32, 32]))
-    server._receive(1)
-    assert server.conns[1].sent[0][0] == "refused" and server.status[1] == RETIRED
-    from vaelab.training.stack_member import StackedEngine, StackError
-
-    engine = StackedEngine.__new__(StackedEngine)
-    engine.conn = type("Conn", (), {"recv": lambda self: server.conns[1].sent[0]})()
+    assert group._refusal(1, built([1, 28, 28])) is None
     with pytest.raises(StackError, match="cannot join the stack"):
-        engine._receive()
+        group.register(1, built([1, 32, 32]), {}, None)
+    assert not group.members[1].joined and group.stack is None
 
 
-def test_a_killed_launcher_costs_each_member_one_line(tmp_path, fashion_mnist):
-    """SIGKILL to the launching process mid-training: each member says in one line that its server has gone, with
-    no traceback, and its checkpoints stay whole for resume=auto."""
+def test_a_killed_sweep_resumes_its_members(tmp_path, fashion_mnist):
+    """SIGKILL to the stacked sweep's one process mid-training: nothing is left running (no member processes) and
+    nothing is printed after the kill; each member's checkpoints stay whole, and resume=auto finishes them."""
     proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}", "+callbacks.stop._target_=fault_callbacks.SignalLauncherAt",
                    "+callbacks.stop.step=10", f"+callbacks.stop.signum={int(signal.SIGKILL)}", timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    out = proc.stdout + proc.stderr
-    assert "Traceback" not in out and "Error" not in out.replace("error:", ""), out[-3000:]
-    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert errors == ["error: the sweep's stack server has gone (its process ended); the checkpoints saved so far "
-                      "are whole: rerun the sweep with resume=auto"] * 2, errors
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     resumed = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv", "resume=auto",
                       f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -402,14 +403,13 @@ def test_a_killed_launcher_costs_each_member_one_line(tmp_path, fashion_mnist):
 
 def test_a_member_that_holds_up_its_stack_is_named_and_stopped(tmp_path, fashion_mnist):
     """A member that neither steps nor leaves for hydra.launcher.member_timeout seconds while the other waits is
-    named in one line and sent SIGTERM: it saves and stops (preempted), and the other finishes."""
+    named in one line and stopped as SIGTERM would stop it: it saves and stops (preempted), and the other finishes."""
     proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=1", "test=false", "logger=csv",
                    "trainer.steps_per_execution=1", "hydra.launcher.member_timeout=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                    "+callbacks.stall._target_=fault_callbacks.StallAt", "+callbacks.stall.step=3",
                    "+callbacks.stall.seconds=120", timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "neither asked for a step" in ln]
-    print(proc.stdout[-4000:], proc.stderr[-3000:])
     assert len(said) == 1 and f"member 1 ({tmp_path / 'sweep' / '1'})" in said[0] and "SIGTERM" in said[0], said
     done = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(2)]
     assert [r["status"] for r in done] == ["finished", "preempted"] and done[1]["global_step"] == 4, done
@@ -446,3 +446,91 @@ def test_a_stacked_step_dispatches_the_same_ops_at_any_n_and_never_syncs_the_hos
         assert not [o for o in ops.names if "_local_scalar_dense" in o], (n, kind)
         counts[n, kind] = len(ops.names)
     assert counts[2, "adam"] == counts[6, "adam"] and counts[2, "adam_normgrad"] == counts[6, "adam_normgrad"], counts
+
+
+def test_a_stacked_evaluation_is_each_members_own():
+    """Validation and test are stacked too: one vmapped pass over the members' weights gives each member the
+    metrics its own EvalMetrics.update gives (the ELBO at the noise it draws, active units, the importance-sampled
+    NLL at its common random numbers)."""
+    import functools
+
+    import torch
+
+    from vaelab.evaluation.metrics import EvalMetrics
+    from vaelab.models.hvae import HierarchicalVAE
+    from vaelab.models.priors import VampPrior
+    from vaelab.training.stack_group import EvalRequest, StackGroup
+
+    models = []
+    for i in range(3):
+        torch.manual_seed(i)
+        models.append(HierarchicalVAE((1, 12, 12), latent_dim=4, hidden_dim=32,
+                                      prior=functools.partial(VampPrior, num_components=5)))
+    x = torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(0)).bernoulli()
+    index = torch.arange(100, 116)
+
+    def metrics():
+        return EvalMetrics(models[0].latent_dims, models[0].num_pixels, importance_samples=20, points_per_pass=32,
+                           seed=3)  # 2 samples per decoder pass: 10 chunks
+
+    solo, stacked, requests = [], [], []
+    for i, m in enumerate(models):
+        torch.manual_seed(10 + i)
+        own = metrics()
+        own.update(m, x, index)
+        solo.append({k: float(v) for k, v in own.compute("test").items()})
+        torch.manual_seed(10 + i)  # the same generator state: the member draws what update draws
+        mine = metrics()
+        chunks = mine.importance_noise(16, index, x.device)
+        assert len(chunks) == 10
+        requests.append(EvalRequest(m, {n: p.detach() for n, p in m.named_parameters()}, x, m.draw_noise(16), chunks))
+        stacked.append(mine)
+    StackGroup(["a", "b", "c"])._evaluate(requests)  # one vmapped pass for all three
+    for mine, request, want in zip(stacked, requests, solo):
+        mine.record(*request.result)
+        got = {k: float(v) for k, v in mine.compute("test").items()}
+        assert got.keys() == want.keys() and len({want["test/nll"] for want in solo}) == 3
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), key
+
+
+def test_every_gpu_of_a_node_gets_a_process_of_its_own():
+    """With G visible GPUs a sweep's stacks spread over G processes, each given its one GPU (CUDA_VISIBLE_DEVICES)
+    and cores // G threads, the largest stacks first to the least loaded; on a CPU or one GPU, one process."""
+    from vaelab.cli.node import Unit, plan, process_count
+    from vaelab.errors import ConfigError
+
+    units = [Unit([0, 1, 2], True, "cuda"), Unit([3, 4], True, "cuda"), Unit([5], False, "cuda"),
+             Unit([6, 7, 8, 9], True, "cuda")]
+    assert process_count("auto", units, gpus=8) == 4 and process_count("auto", units, gpus=2) == 2
+    assert process_count("auto", units, gpus=1) == 1 and process_count("auto", units[:1], gpus=8) == 1
+    assert process_count("auto", [Unit([0, 1], True, "cpu")] * 3, gpus=0) == 1  # a CPU: this process
+    specs = plan(units, 2, cores=16)
+    assert [s["units"] for s in specs] == [[2, 3], [0, 1]]  # 4 members, then 3, 2 and 1: 4 + 1 and 3 + 2 per GPU
+    assert [s["env"] for s in specs] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert [s["threads"] for s in specs] == [8, 8]
+    assert plan([Unit([0, 1], True, "cpu")] * 2, 2, cores=2)[1] == {"units": [1], "env": {}, "threads": 1}
+    with pytest.raises(ConfigError, match="hydra.launcher.processes=0 must be auto or a whole number"):
+        process_count(0, units, gpus=2)
+
+
+def test_stacks_spread_over_processes_each_with_its_share(tmp_path, fashion_mnist):
+    """hydra.launcher.processes=2 on this CPU: two stacks (batch sizes 50 and 40, two seeds each) train in two
+    processes at once, each a stack of two member threads with one of the two cores, and finish as runs."""
+    proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "data.batch_size=50,40", "trainer.max_epochs=1", "test=false",
+                   "logger=csv", "hydra.launcher.processes=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   "+callbacks.where._target_=fault_callbacks.RecordProcess", timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import yaml
+
+    where = {}
+    for job in sorted((tmp_path / "sweep").iterdir()):
+        if (job / "where.json").is_file():
+            cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+            where[(cfg["data"]["batch_size"], cfg["seed"])] = json.loads((job / "where.json").read_text())
+            assert json.loads((job / "results.json").read_text())["status"] == "finished"
+    assert len(where) == 4
+    pids = {b: {w["pid"] for (bb, _), w in where.items() if bb == b} for b in (50, 40)}
+    assert all(len(p) == 1 for p in pids.values()) and pids[50] != pids[40], where  # a process per stack
+    assert all(w["threads"] == 1 and w["thread"].startswith("vaelab-member-") for w in where.values()), where
+    assert (proc.stdout + proc.stderr).count("with 1 threads") == 2

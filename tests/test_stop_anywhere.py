@@ -84,8 +84,8 @@ def test_a_stop_anywhere_resumes_to_the_uninterrupted_run(where, tmp_path, tmp_p
     assert Path(resumed["best_checkpoint"]).name == Path(ref["best_checkpoint"]).name
 
 
-# A 2-member stacked sweep (seeds 1 and 2, one process each, the launcher's stack server running their steps), each
-# member stopped at its own point by a real signal to its own process, then the same command with resume=auto: the
+# A 2-member stacked sweep (seeds 1 and 2, threads of one process, their steps stacked), each member stopped at its
+# own point as a stop signal stops it (StopAt), then the same command with resume=auto: the
 # points that differ for a stacked member (an epoch's last step, validation, checkpoints, epoch end, after training,
 # the test phase, and mid-epoch, where the other member goes on alone in the stack).
 STACKED_STOPS = [("step:3", "val:1"), ("checkpoint:0", "test:0"), ("epoch_end:1", "step:6"), ("train_end", "step:11")]

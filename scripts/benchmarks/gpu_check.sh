@@ -117,7 +117,7 @@ if has stacked; then
   say "stacked sweeps: aggregate images/s of N stacked members vs one after another (bare loops), N up to 64"
   timeout 300 $PY scripts/benchmarks/sweep_throughput.py --no-app --ns 1,8,32,64 --steps 200 > "$LOGS/stacked_bare.log" 2>&1
   tail -6 "$LOGS/stacked_bare.log"
-  say "stacked sweeps through the app: basic, joblib and stacked launchers, N = 8"
+  say "stacked sweeps through the app: one after another and stacked (one process), N = 8"
   timeout 400 $PY scripts/benchmarks/sweep_throughput.py --ns 8 --steps 200 --subset 50000 > "$LOGS/stacked_app.log" 2>&1
   tail -3 "$LOGS/stacked_app.log"
   say "stacked members against their solo runs on the GPU: test NLL within 0.2 nats"

@@ -3,18 +3,21 @@ batch 100, dynamically binarised Fashion-MNIST), trained
 
   bare, one after another   N models, each its own fused-Adam loop (the ceiling of one-after-another)
   bare, stacked             the N models as one stacked model (vaelab.training.stack: vmap + stacked Adam), the
-                            ceiling of stacking; with the torch ops one stacked step dispatches (flat in N)
-  app, basic                vaelab-train -m (Hydra's basic launcher: one job after another, in one process)
-  app, joblib               vaelab-train -m hydra/launcher=joblib (parallel processes, each cores/n threads)
-  app, stacked              vaelab-train -m hydra/launcher=stacked hydra.launcher.stack=true
+                            ceiling of stacking; with the ATen ops and host syncs one stacked step dispatches
+  app, one after another    vaelab-train -m (Hydra's basic launcher: one job after another, in one process)
+  app, stacked              vaelab-train -m hydra/launcher=stacked hydra.launcher.stack=true (one process: the
+                            members are threads taking turns, their steps stacked)
 
-for N = 1, 2, 4, 8 (--ns). The app rows count every image each run trained over the sweep's wall time, start-up
-included (test=false: training only); the bare rows time the optimiser steps alone. Run from the repo root:
+for N = 1, 2, 4, 8, 16, 32 (--ns). The app rows count every image each run trained over the sweep's wall time,
+start-up included (test=false: training only); the bare rows time the optimiser steps alone. Each measurement runs
+in a fresh process, whose peak resident memory is its row's peak_rss_mb. Run from the repo root:
 
-    python scripts/benchmarks/sweep_throughput.py [--ns 1,2,4,8] [--steps 100] [--no-app]
+    python scripts/benchmarks/sweep_throughput.py [--ns 1,2,4,8,16,32] [--steps 30] [--no-app]
 
-It prints a table with the ratios to one-after-another and to the stacked ceiling, and writes
-outputs/benchmarks/sweep_throughput.json (VAELAB_BENCH_DIR: elsewhere).
+It prints a table and writes outputs/benchmarks/sweep_throughput.json (VAELAB_BENCH_DIR: elsewhere): a list
+`rows`, one per (kind: app | bare, device, n), with stacked_img_s, sequential_img_s, ops_per_step,
+host_syncs_per_step (aten._local_scalar_dense and device-to-host copies; the app's stacked step is the bare one)
+and peak_rss_mb (the stacked run's; sequential_rss_mb the one-after-another's).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -84,8 +88,8 @@ def bare_sequential(data, n: int, steps: int, device) -> float:
     return n * steps * BATCH / total
 
 
-def bare_stacked(data, n: int, steps: int, device) -> tuple[float, int]:
-    """The N models as one stacked model: images/s, and the torch ops one step dispatches."""
+def bare_stacked(data, n: int, steps: int, device) -> tuple[float, int, int]:
+    """The N models as one stacked model: images/s, and the ATen ops and host syncs one step dispatches."""
     members = []
     for i in range(n):
         torch.manual_seed(i)
@@ -95,42 +99,65 @@ def bare_stacked(data, n: int, steps: int, device) -> tuple[float, int]:
         for i, m in enumerate(members):
             for name, p in m.named_parameters():
                 stack.params[name][i].copy_(p)
-    hyper = torch.tensor([hyper_row({"lr": 5e-4}, "adam", None, 0.0)] * n)
+    hyper = torch.tensor([hyper_row({"lr": 5e-4}, "adam", None, 0.0)] * n, device=device)
     weight, active = torch.ones(n, device=device), torch.ones(n, dtype=torch.bool, device=device)
+    idx = torch.empty(n, BATCH, dtype=torch.long, device=device)
+    noise = torch.empty(n, BATCH, 40, device=device)
+
+    def draw():  # what the members hand over: their batches and noise (the app draws them per member)
+        idx.random_(0, len(data))
+        noise.normal_()
+        return bernoulli_draw(data[idx].float().div_(255.0))
 
     def step():
-        idx = torch.randint(len(data), (n, BATCH), device=device)
-        x = bernoulli_draw(data[idx].float().div_(255.0))
-        noise = torch.randn(n, BATCH, 40, device=device)
-        stack.train_step(x, noise, weight, hyper, active)
+        stack.train_step(draw(), noise, weight, hyper, active, clip=False, decay=False)
 
     rate = n * steps * BATCH / timed(step, steps, device)
+    x = draw()
     with OpCount() as ops:
-        step()
-    return rate, ops.count
+        stack.train_step(x, noise, weight, hyper, active, clip=False, decay=False)
+    return rate, ops.count, ops.syncs
 
 
 class OpCount(TorchDispatchMode):
-    """Counts the ATen ops dispatched (views included): the host's work per step."""
+    """Counts the ATen ops dispatched (views included): the host's work per step; and the host syncs among them
+    (a tensor's value read on the host, or a copy from the device to the host)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.count = self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
+            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst is not None and \
+                    torch.device(dst).type == "cpu":
+                self.syncs += 1
+        return func(*args, **kwargs)
 
 
-def app(launcher: list[str], n: int, subset: int, device: str) -> float:
-    """A real sweep of n seeds, one epoch each on `subset` training images: images trained / wall seconds."""
+RSS_WRAPPER = ("import atexit, os, resource, runpy, sys\n"
+               "atexit.register(lambda: open(os.environ['VAELAB_RSS_FILE'], 'w').write("
+               "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+               "sys.argv = ['vaelab-train', *sys.argv[1:]]\n"
+               "runpy.run_module('vaelab.cli.train', run_name='__main__')\n")
+
+
+def app(launcher: list[str], n: int, subset: int, device: str) -> tuple[float, float]:
+    """A real sweep of n seeds, one epoch each on `subset` training images: images trained / wall seconds, and the
+    sweep process's peak resident memory in MB."""
     with tempfile.TemporaryDirectory() as tmp:
         seeds = ",".join(str(s) for s in range(1, n + 1))
-        args = [sys.executable, "-m", "vaelab.cli.train", "-m", *launcher, f"seed={seeds}", f"hydra.sweep.dir={tmp}",
+        args = [sys.executable, "-c", RSS_WRAPPER, "-m", *launcher, f"seed={seeds}", f"hydra.sweep.dir={tmp}/sweep",
                 f"data.subset={subset}", "trainer.max_epochs=1", "test=false", "logger=csv", "extras.print_config=false",
                 "trainer.enable_progress_bar=false", "callbacks.image_grids.every_n_epochs=100",
                 f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}"]
-        env = dict(os.environ, WANDB_MODE="disabled", VAELAB_DATA_DIR=str(DATA),
+        env = dict(os.environ, WANDB_MODE="disabled", VAELAB_DATA_DIR=str(DATA), VAELAB_RSS_FILE=f"{tmp}/rss",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         t0 = time.perf_counter()
         proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -138,44 +165,69 @@ def app(launcher: list[str], n: int, subset: int, device: str) -> float:
         if proc.returncode != 0:
             raise SystemExit(f"sweep failed: {' '.join(launcher)}\n{proc.stderr[-3000:]}")
         trained = 0
-        for results in Path(tmp).glob("*/results.json"):
+        for results in Path(tmp, "sweep").glob("*/results.json"):
             r = json.loads(results.read_text())
-            trained += r["global_step"] * 100
-        return trained / wall
+            trained += r["global_step"] * BATCH
+        return trained / wall, int(Path(tmp, "rss").read_text()) / 1024
+
+
+def bare_row(n: int, steps: int, device: str) -> dict:
+    """The bare rows' figures for one N, in this (fresh) process: its peak memory is the stacked loop's."""
+    dev = torch.device(device)
+    data = images(dev)
+    stacked, ops, syncs = bare_stacked(data, n, steps, dev)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"stacked_img_s": stacked, "sequential_img_s": bare_sequential(data, n, steps, dev), "ops_per_step": ops,
+            "host_syncs_per_step": syncs, "peak_rss_mb": peak}
+
+
+def fresh(what: str, n: int, steps: int, device: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", what, "--ns", str(n), "--steps", str(steps),
+                          "--device", device], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ns", default="1,2,4,8")
-    parser.add_argument("--steps", type=int, default=100, help="optimiser steps per member in the bare loops")
+    parser.add_argument("--ns", default="1,2,4,8,16,32")
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per member in the bare loops")
     parser.add_argument("--subset", type=int, default=5000, help="training images per app run (one epoch)")
     parser.add_argument("--no-app", action="store_true", help="only the bare loops")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one bare measurement, in a fresh process
     args = parser.parse_args()
-    device = torch.device(args.device)
     ns = [int(n) for n in args.ns.split(",")]
-    data = images(device)
+    if args.one:
+        print(json.dumps(bare_row(ns[0], args.steps, args.device)))
+        return
+    device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     rows = []
-    print(f"sweep throughput on {card}, torch {torch.__version__}: aggregate training images/s")
-    print(f"{'N':>3} {'bare seq':>10} {'bare stack':>11} {'stack/seq':>9} {'ops/step':>8}" +
-          ("" if args.no_app else f" {'app basic':>10} {'app joblib':>11} {'app stacked':>12} {'stacked/basic':>13}"
-                                  f" {'stacked/ceiling':>15}"))
+    print(f"sweep throughput on {card}, torch {torch.__version__}: aggregate training images/s (stacked / one after "
+          "another)")
+    print(f"{'kind':<5} {'N':>3} {'stacked':>9} {'sequential':>10} {'ratio':>6} {'ops/step':>8} {'syncs/step':>10} "
+          f"{'peak MB':>8}")
     for n in ns:
-        row = {"n": n, "bare_sequential": bare_sequential(data, n, args.steps, device)}
-        row["bare_stacked"], row["stacked_ops_per_step"] = bare_stacked(data, n, args.steps, device)
-        line = f"{n:>3} {row['bare_sequential']:>10,.0f} {row['bare_stacked']:>11,.0f} " \
-               f"{row['bare_stacked'] / row['bare_sequential']:>9.2f} {row['stacked_ops_per_step']:>8}"
-        if not args.no_app:
-            row["app_basic"] = app([], n, args.subset, device.type)
-            row["app_joblib"] = app(["hydra/launcher=joblib"], n, args.subset, device.type)
-            row["app_stacked"] = app(["hydra/launcher=stacked", "hydra.launcher.stack=true"], n, args.subset,
-                                     device.type)
-            line += f" {row['app_basic']:>10,.0f} {row['app_joblib']:>11,.0f} {row['app_stacked']:>12,.0f}" \
-                    f" {row['app_stacked'] / row['app_basic']:>13.2f} {row['app_stacked'] / row['bare_stacked']:>15.2f}"
-        print(line, flush=True)
-        rows.append(row)
-    save("sweep_throughput", {"device": card, "steps": args.steps, "subset": args.subset, "rows": rows})
+        kinds = [("bare", None)] + ([] if args.no_app else [("app", None)])
+        for kind, _ in kinds:
+            if kind == "bare":
+                row = {"kind": "bare", "device": card, "n": n, **fresh("bare", n, args.steps, args.device)}
+            else:
+                stacked, rss = app(["hydra/launcher=stacked", "hydra.launcher.stack=true"], n, args.subset,
+                                   device.type)
+                sequential, seq_rss = app([], n, args.subset, device.type)
+                bare = next(r for r in rows if r["kind"] == "bare" and r["n"] == n)
+                row = {"kind": "app", "device": card, "n": n, "stacked_img_s": stacked, "sequential_img_s": sequential,
+                       "ops_per_step": bare["ops_per_step"], "host_syncs_per_step": bare["host_syncs_per_step"],
+                       "peak_rss_mb": rss, "sequential_rss_mb": seq_rss}
+            rows.append(row)
+            print(f"{kind:<5} {n:>3} {row['stacked_img_s']:>9,.0f} {row['sequential_img_s']:>10,.0f} "
+                  f"{row['stacked_img_s'] / row['sequential_img_s']:>6.2f} {row['ops_per_step']:>8} "
+                  f"{row['host_syncs_per_step']:>10} {row['peak_rss_mb']:>8,.0f}", flush=True)
+    save("sweep_throughput", {"device": card, "torch": torch.__version__, "steps": args.steps, "subset": args.subset,
+                              "rows": rows})
 
 
 if __name__ == "__main__":

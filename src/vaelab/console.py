@@ -1,18 +1,27 @@
 """What a run says to the person watching it, one line at a time: on stdout, and through the `vaelab.console`
 logger, which the app's logging config (conf/hydra/default.yaml) sends to the run's train.log. The logger does
-not propagate: stdout has the line already."""
+not propagate: stdout has the line already. A stacked sweep's member (a thread of the sweep's process) writes its
+lines to its train.log only: the sweep prints one progress line for the stack and one line per member as it ends."""
 
 from __future__ import annotations
 
 import logging
+import threading
 
 _log = logging.getLogger("vaelab.console")
 _log.propagate = False
+_thread = threading.local()
+
+
+def quiet_here() -> None:
+    """From now on, this thread's lines go to the run's log file only (a stacked sweep's member)."""
+    _thread.quiet = True
 
 
 def say(text: str) -> None:
     """Print `text` and write each of its lines to the run's log file."""
-    print(text, flush=True)
+    if not getattr(_thread, "quiet", False):
+        print(text, flush=True)
     for line in text.splitlines():
         if line.strip():
             _log.info(line)

@@ -12,8 +12,10 @@ from omegaconf import DictConfig
 
 
 class StackedLauncher(Launcher):
-    def __init__(self, stack: str | bool = "auto", max_members: int = 64, member_timeout: float = 600) -> None:
+    def __init__(self, stack: str | bool = "auto", max_members: int = 64, member_timeout: float = 600,
+                 processes: str | int = "auto") -> None:
         self.stack, self.max_members, self.member_timeout = stack, max_members, member_timeout
+        self.processes = processes
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None

@@ -1,44 +1,37 @@
 """How a sweep's jobs use the machine. Parallel jobs (hydra/launcher=joblib) each take their GPU and their share
-of the cores (use_job_share). And hydra/launcher=stacked: a multirun's jobs grouped by what fixes their tensor shapes and code, each group trained
-as one stacked model. Every member is still a run: its own process runs vaelab-train's whole task (Hydra's run_job:
-its run directory, .hydra/ with its own overrides, loggers, checkpoints, test phase, results.json); only its
-optimiser steps are run by the group's stack server, here, in the launching process (training/stack_server.py).
+of the cores (use_job_share). And hydra/launcher=stacked: a multirun's jobs grouped by what they build (their model
+and image shape, and the keys that fix their code), each group trained as one stacked model in this process. Every
+member is still a run: Hydra's run_job of vaelab-train's whole task (its run directory, .hydra/ with its own
+overrides, loggers, checkpoints, test phase, results.json), in a thread of its own; the members take turns and
+their optimiser steps run stacked (training/stack_group.py).
 
 Groups run one after another. A group of one, or any group when stacking is off (stack=false, or stack=auto on a
-CPU, where it does not pay: README, Sweeps), runs its jobs one after another in this process, as Hydra's basic
-launcher does.
+CPU: README, Sweeps), runs its jobs one after another in this process, as Hydra's basic launcher does.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
-import multiprocessing as mp
-import os
-import signal
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import cloudpickle
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vaelab.cli.node import Unit, plan, process_count, run_processes
+from vaelab.console import quiet_here
 from vaelab.devices import cpu_cores, job_share
-from vaelab.errors import ConfigError, VaelabError
+from vaelab.errors import ConfigError
 from vaelab.training.stack import STACKED_OPTIMIZERS
 
 log = logging.getLogger("vaelab")
 
-
-class StackError(VaelabError):
-    """A stack that cannot go on (its server failed): said in one line by the launcher."""
 
 # The config that fixes a member's tensor shapes and code: jobs that agree on all of it train as one stack. Every
 # other key (seed, loss.*, optim.lr and weight_decay, trainer.max_epochs and max_steps, callbacks, loggers, eval,
@@ -46,7 +39,6 @@ class StackError(VaelabError):
 SHAPE_KEYS = ("model", "prior", "posterior", "likelihood", "data.name", "data.batch_size", "data.binarize",
               "data.device", "optim._target_", "trainer.accelerator", "trainer.devices", "trainer.strategy",
               "trainer.num_nodes", "trainer.precision", "trainer.steps_per_execution", "compile", "matmul_precision")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -233,6 +225,7 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     stacking_on(launcher.stack, "cpu")  # a wrong setting is refused before any job starts
     if not isinstance(launcher.max_members, int) or launcher.max_members < 1:
         raise ConfigError(f"hydra.launcher.max_members={launcher.max_members!r} must be a whole number of at least 1")
+    process_count(getattr(launcher, "processes", "auto"), [], 0)  # likewise
     timeout = launcher.member_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"hydra.launcher.member_timeout={timeout!r} must be a number of seconds greater than 0")
@@ -254,7 +247,7 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     groups, notes = group_jobs(configs, [built_key(cfg, shapes) for cfg in configs])
     for note in notes:
         log.info(note)
-    returns: list[JobReturn | None] = [None] * len(configs)
+    units = []
     for g in groups:
         device = stack_device(configs[g.jobs[0]])
         stacked = g.alone is None and len(g.jobs) > 1 and stacking_on(launcher.stack, device)
@@ -262,17 +255,31 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
             if g.alone is None and len(g.jobs) > 1:
                 log.info("stacked launcher: %d jobs on %s run one after another (hydra.launcher.stack=%s)",
                          len(g.jobs), device, launcher.stack)
+            units.append(Unit(g.jobs, False, device))
             for j in g.jobs:
                 log.info("\t#%d : %s", initial_job_idx + j, " ".join(filter_overrides(job_overrides[j])))
-                returns[j] = run_here(launcher, configs[j])
             continue
         for part in split(g.jobs, int(launcher.max_members)):
             log.info("stacked launcher: %d jobs as one stacked model on %s:", len(part), device)
             for j in part:
                 log.info("\t#%d : %s", initial_job_idx + j, " ".join(filter_overrides(job_overrides[j])))
-            for j, ret in zip(part, run_stack(launcher, [configs[j] for j in part], device)):
-                returns[j] = ret
+            units.append(Unit(part, True, device))
+    gpus = torch.cuda.device_count() if any(u.device == "cuda" for u in units) else 0
+    processes = process_count(getattr(launcher, "processes", "auto"), units, gpus)
+    if processes > 1:  # every GPU of the node: a process per GPU, each its share of the units
+        return run_processes(launcher, units, configs, plan(units, processes, cpu_cores()))
+    returns: list[JobReturn | None] = [None] * len(configs)
+    for unit in units:
+        for j, ret in zip(unit.jobs, run_unit(launcher, unit.stacked, unit.device, [configs[j] for j in unit.jobs])):
+            returns[j] = ret
     return returns
+
+
+def run_unit(launcher, stacked: bool, device: str, configs: list[DictConfig]) -> list[JobReturn]:
+    """A stack's jobs as one stacked model, or jobs one after another in this process."""
+    if stacked:
+        return run_stack(launcher, configs, device)
+    return [run_here(launcher, cfg) for cfg in configs]
 
 
 def run_here(launcher, cfg: DictConfig) -> JobReturn:
@@ -282,120 +289,95 @@ def run_here(launcher, cfg: DictConfig) -> JobReturn:
 
 
 def run_stack(launcher, configs: list[DictConfig], device: str) -> list[JobReturn]:
-    """The members' processes, and this process as their stack server, until every member has ended."""
-    from vaelab.training.stack_server import StackServer
+    """The members, each Hydra's run_job of the vaelab-train task in a thread of this process, taking turns; their
+    optimiser steps run as one stacked model (training/stack_group.py). One progress line for the stack and one line
+    per member as it ends: the members' own lines go to their train.log."""
+    from vaelab.training.stack_group import StackGroup
 
-    ctx = mp.get_context("spawn")
-    task = launcher.task_function
-    task_ref = (task.__module__, task.__qualname__)
-    threads = max(1, cpu_cores() // len(configs))  # a member's own work (validation, test) runs side by side
-    state = Singleton.get_state()
-    conns, procs = [], []
-    for cfg in configs:
-        here, there = ctx.Pipe()
-        # cloudpickle, as joblib's launcher: Hydra's state holds OmegaConf's resolvers, which are local functions
-        job = cloudpickle.dumps((launcher.hydra_context, cfg, task_ref, state, threads))
-        proc = ctx.Process(target=member_main, args=(there, job), name=f"vaelab-member-{cfg.hydra.job.num}")
-        proc.start()
-        there.close()
-        conns.append(here)
-        procs.append(proc)
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    dirs = [Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir) for cfg in configs]
+    names = [f"member {cfg.hydra.job.num} ({d})" for cfg, d in zip(configs, dirs)]
+    returns: list[JobReturn | None] = [None] * len(configs)
+    hydra_config = HydraConfig.instance()
+    logger_names = tuple(OmegaConf.to_container(configs[0].hydra.job_logging, resolve=False).get("loggers") or {})
+    launcher_logging = _logging_state(logger_names)
 
-    def forward(signum, frame):  # every member saves its own checkpoint; the server serves until they have left
-        for proc in procs:
-            if proc.is_alive():
-                os.kill(proc.pid, signum)
+    def job(i: int):
+        def member() -> None:
+            quiet_here()
+            ret = run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
+                          config=configs[i], job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            if ret.status == JobStatus.FAILED:  # not one of vaelab's sentences (a bug): its traceback, as alone
+                traceback.print_exception(ret._return_value)
+            returns[i] = ret
+        return member
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, forward)
-    torch.set_num_threads(cpu_cores())
-    exits: dict[int, object] = {}
-    names = [f"member {cfg.hydra.job.num} ({Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)})"
-             for cfg in configs]
-
-    def stuck(i: int, kill: bool) -> None:
-        if procs[i].is_alive():
-            os.kill(procs[i].pid, signal.SIGKILL if kill else signal.SIGTERM)
-
-    server = StackServer(conns, device, on_message=lambda i, m: exits.update({i: m[1]}), names=names,
-                         member_timeout=float(launcher.member_timeout), on_stuck=stuck)
-    broken = None
+    group = StackGroup(names, device, float(launcher.member_timeout), logger_names=logger_names,
+                       swaps=[(lambda: hydra_config.cfg, lambda cfg: setattr(hydra_config, "cfg", cfg))],
+                       on_end=lambda i: member_ended(configs[i], dirs[i], group.members[i].exit_code))
     try:
-        results = server.serve()
-    except Exception as exc:  # noqa: BLE001 - the server's own fault: every member hears it, none waits on it
-        broken, results = exc, [None] * len(configs)
-        for conn in conns:
-            conn.close()  # each member's next step finds its server gone: one line, its checkpoints whole
+        group.run([job(i) for i in range(len(configs))])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for proc in procs:
-            proc.join()
-    if broken is not None:
-        raise StackError(f"the stack server failed ({type(broken).__name__}: {broken}); the members stopped with "
-                         "their checkpoints whole: rerun the sweep with resume=auto, or with "
-                         "hydra.launcher.stack=false") from None
-    return stack_ended(names, procs, exits, results)
+        _restore_logging(launcher_logging)
+    return stack_ended(names, [m.exit_code for m in group.members], returns, dirs)
 
 
-def stack_ended(names: list[str], procs: list, exits: dict[int, object], results: list) -> list[JobReturn]:
+def _logging_state(names: tuple[str, ...]) -> dict:
+    return {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level) for n in ("", *names)}
+
+
+def _restore_logging(state: dict) -> None:
+    """The launcher's logging as it was before its members configured theirs (each its own train.log)."""
+    for name, (handlers, level) in state.items():
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).setLevel(level)
+
+
+def member_ended(cfg: DictConfig, run_dir: Path, exit_code) -> None:
+    """A finished member's one line (in its own thread, its train.log gets it too): its test figure (or validation
+    figure), epochs, training time and run directory. A stopped member is counted in the stack's closing line; a
+    failed one said its error already."""
+    results = _results(run_dir)
+    if results.get("status") != "finished":
+        return
+    metrics = results.get("metrics", {})
+    key = next((k for k in ("test/nll", "test/loss", "val/loss") if k in metrics), None)
+    figure = f"{key} {metrics[key]:.2f}, " if key else ""
+    epochs = results.get("epochs", 0)
+    line = (f"vaelab: #{cfg.hydra.job.num} finished: {figure}{epochs} epoch{'s' if epochs != 1 else ''}, "
+            f"{results.get('train_time_s', 0):.0f} s training; {run_dir}")
+    print(line, flush=True)
+    logging.getLogger("vaelab.console").info(line)
+
+
+def _results(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stack_ended(names: list[str], exits: list, returns: list, dirs: list[Path]) -> list[JobReturn]:
     """How a stack's members ended, as the launcher says it: each job's return, or one line and the sweep's exit
-    (1 when a member failed or died, as a run alone exits; 0 when members were stopped by a signal and saved)."""
-    failed = [names[i] for i, code in sorted(exits.items()) if code not in (0, None)]
-    # a member's process that ended before it could say how its job ended (killed, say)
-    failed += [f"{names[i]} (exit code {procs[i].exitcode}, before its job finished)"
-               for i, ret in enumerate(results) if ret is None and i not in exits]
-    # a job whose error was not one of vaelab's sentences (Hydra's run_job caught it in the member)
-    failed += [f"{names[i]} ({ret._return_value})" for i, ret in enumerate(results)
+    (1 when a member failed, as a run alone exits; 0 when members were stopped by a signal and saved)."""
+    failed = [names[i] for i, code in enumerate(exits) if code not in (0, None)]
+    # a job whose error was not one of vaelab's sentences (Hydra's run_job caught it)
+    failed += [f"{names[i]} ({ret._return_value})" for i, ret in enumerate(returns)
                if ret is not None and ret.status == JobStatus.FAILED]
     if failed:  # a member's own error (a full disk, say) is said in its own line: the sweep fails, as a solo run does
         log.error("stacked launcher: %s ended with an error; the checkpoints saved are whole and the other "
                   "members' runs are kept: rerun the sweep with resume=auto once it is fixed", "; ".join(failed))
         raise SystemExit(1)
-    if exits:  # as vaelab-train alone: stopped by a signal, each stopped member's checkpoint saved, exit 0
-        log.info("stacked launcher: %d of %d members stopped by a signal and saved their checkpoints; run the same "
-                 "command with resume=auto to continue them", len(exits), len(procs))
+    stopped = [_results(dirs[i]) for i, code in enumerate(exits) if code == 0]
+    if stopped:  # as vaelab-train alone: stopped by a signal, each stopped member's checkpoint saved, exit 0
+        signals = sorted({r.get("signal") for r in stopped if r.get("signal")}) or ["a signal"]
+        steps = ", ".join(str(r.get("global_step", "?")) for r in stopped)
+        log.info("stacked launcher: stopped by %s: %d of %d members saved their checkpoints (at step %s); run the "
+                 "same command with resume=auto to continue them", " and ".join(signals), len(stopped), len(exits),
+                 steps)
         raise SystemExit(0)
-    return results
-
-
-def member_main(conn, job: bytes) -> None:
-    """A member's process: Hydra's run_job of the vaelab-train task, with this process joined to the stack."""
-    from vaelab.training import stack_member as member
-
-    hydra_context, cfg, task_ref, singleton_state, threads = cloudpickle.loads(job)
-    os.setsid()  # out of the terminal's process group: a Ctrl-C reaches the launcher, which forwards it once
-    torch.set_num_threads(threads)
-    setup_globals()
-    Singleton.set_state(singleton_state)
-    HydraConfig.instance().set_config(cfg)
-    module, name = task_ref
-    task = getattr(importlib.import_module(module), name)
-    task = getattr(task, "__wrapped__", task)  # hydra.main's wrapper: the task function itself
-    member.join(conn)
-    try:
-        ret = run_job(hydra_context=hydra_context, task_function=task, config=cfg, job_dir_key="hydra.sweep.dir",
-                      job_subdir_key="hydra.sweep.subdir")
-    except SystemExit as stop:  # vaelab-train's way out: a stop signal (its checkpoint saved) or its error, said
-        _tell(conn, ("exit", stop.code))
-        raise
-    if ret.status == JobStatus.FAILED:  # not one of vaelab's sentences (a bug): its traceback, as a run alone shows it
-        traceback.print_exception(ret._return_value)
-    # how the job ended, without Hydra's config objects (not all of them pickle)
-    status = JobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=None, working_dir=ret.working_dir,
-                       task_name=ret.task_name, status=ret.status)
-    status._return_value = ret._return_value if ret.status == JobStatus.COMPLETED else RuntimeError(
-        str(ret._return_value))
-    if not _tell(conn, ("result", status)):
-        raise SystemExit(1)  # the launcher has gone: this member said so in its one line already
-
-
-def _tell(conn, message) -> bool:
-    """Send the launcher how this member ended; False when it has gone (killed: nobody is left to hear it)."""
-    try:
-        conn.send(message)
-        conn.close()
-        return True
-    except (OSError, EOFError):
-        return False
+    offline = sorted({str(d) for d in dirs if any((d / "wandb").glob("offline-run-*"))})
+    if offline:
+        log.info("stacked launcher: the members' W&B runs are offline; upload them with wandb sync %s",
+                 " ".join(f"{d}/wandb/offline-run-*" for d in offline) if len(offline) <= 2 else
+                 f"{Path(offline[0]).parent}/*/wandb/offline-run-*")
+    return returns

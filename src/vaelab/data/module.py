@@ -29,6 +29,11 @@ def val_count(val_size, n: int) -> int:
     return int(val_size)
 
 
+# the last split built in this process, by _split_key: a stacked sweep's members (threads of one process) share
+# one copy of their images, in host memory or on the GPU (setup moves the shared sets once)
+_BUILT: dict[str, tuple] = {}
+
+
 class ImageDataModule(L.LightningDataModule):
     """Fashion-MNIST (default), MNIST, CIFAR-10, your own images (name="folder" or "arrays" with `path`) or synthetic
     shapes, as in-memory tensors.
@@ -138,6 +143,29 @@ class ImageDataModule(L.LightningDataModule):
                 split.images = split.images.to(device)
 
     def _build(self) -> None:
+        key = self._split_key()
+        if self.source.reader:  # your own files, which may change between two runs of one process: read each time
+            self._split()
+            return
+        if key in _BUILT:  # the same split built in this process (a stacked sweep's members): one copy of the images
+            self.image_shape, self.train_set, self.val_set, self.test_set, said = _BUILT[key]
+            if said and rank_zero_only.rank == 0:
+                say(said)
+            return
+        said = self._split()
+        _BUILT.clear()  # the newest split only: a sweep run job after job holds one data set, not one per job
+        _BUILT[key] = (self.image_shape, self.train_set, self.val_set, self.test_set, said)
+
+    def _split_key(self) -> str:
+        """What fixes the split's images (not data.seed, the training order, nor the batch sizes)."""
+        import json
+
+        hp = {k: v for k, v in self.hparams.items() if k not in ("seed", "batch_size", "eval_batch_size", "device",
+                                                                   "download")}
+        return json.dumps(hp, sort_keys=True, default=str)
+
+    def _split(self) -> str | None:
+        """Read, split, cut and binarise the images; return the line that says the split (auto or a fraction)."""
         train_all, test = (torch.from_numpy(np.ascontiguousarray(a)) for a in self._raw())
         self.image_shape = tuple(int(d) for d in train_all.shape[1:])
         n = train_all.shape[0]
@@ -146,9 +174,12 @@ class ImageDataModule(L.LightningDataModule):
             fits = val_count("auto", n)
             raise ConfigError(f"data.val_size={self.val_size} leaves no training images out of {n}; use fewer, "
                               f"e.g. data.val_size=auto ({fits:,} images) or a fraction such as data.val_size=0.1")
-        if self.val_size != n_val and rank_zero_only.rank == 0:  # auto or a fraction: the split it gave, said once
-            say(f"vaelab: {n:,} training images: {n - n_val:,} to train, {n_val:,} to validate "
-                f"(data.val_size={self.val_size})")
+        said = None
+        if self.val_size != n_val:  # auto or a fraction: the split it gave, said once
+            said = (f"vaelab: {n:,} training images: {n - n_val:,} to train, {n_val:,} to validate "
+                    f"(data.val_size={self.val_size})")
+            if rank_zero_only.rank == 0:
+                say(said)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         train, val = train_all[perm[n_val:]], train_all[perm[:n_val]]
         if self.subset:
@@ -158,6 +189,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.is_binary:  # evaluation sets are binarised once, with a fixed seed
             val, test = binarize_once(val, self.split_seed + 2), binarize_once(test, self.split_seed + 3)
         self.train_set, self.val_set, self.test_set = InMemoryImages(train), InMemoryImages(val), InMemoryImages(test)
+        return said
 
     def train_images(self) -> Tensor:
         """All training images as floats in [0, 1] (grey values, not binarised): for pseudo-input init."""

@@ -41,15 +41,20 @@ def importance_log_weights(model, x: Tensor, k: int, points_per_pass: int | str 
     through the decoder holds at most `points_per_pass` (sample, image) pairs: batched over images and
     samples alike, never a Python loop over images. With `index` (each image's position in its data set),
     the samples are common random numbers keyed by (seed, index): reproducible across batchings and DDP."""
-    points_per_pass = points_per_pass_for(points_per_pass, x.device)
-    chunk = max(1, min(k, points_per_pass // max(1, x.shape[0])))
-    dim = sum(model.latent_dims)
-    out = []
-    for s in range(0, k, chunk):
-        n = min(chunk, k - s)
-        noise = None if index is None else counter_normal(seed, index.to(x.device), s, n, dim).to(x.dtype)
-        out.append(model.log_importance_weights(x, n, noise=noise))
-    return torch.cat(out)
+    chunks = importance_chunks(k, points_per_pass, x.shape[0], sum(model.latent_dims), index, seed, x.device)
+    return torch.cat([model.log_importance_weights(x, n, noise=None if noise is None else noise.to(x.dtype))
+                      for n, noise in chunks])
+
+
+def importance_chunks(k: int, points_per_pass: int | str, batch: int, dim: int, index: Tensor | None, seed: int,
+                      device: torch.device) -> list[tuple[int, Tensor | None]]:
+    """The k samples of a batch of `batch` images cut into decoder passes of at most points_per_pass (sample,
+    image) pairs: (samples in the pass, their common random numbers [n, B, dim], or None without `index`)."""
+    points_per_pass = points_per_pass_for(points_per_pass, torch.device(device))
+    chunk = max(1, min(k, points_per_pass // max(1, batch)))
+    return [(min(chunk, k - s), None if index is None else counter_normal(seed, index.to(device), s,
+                                                                            min(chunk, k - s), dim))
+            for s in range(0, k, chunk)]
 
 
 class ElboMeans(Metric):
@@ -162,7 +167,7 @@ class EvalMetrics(nn.Module):
         super().__init__()
         if importance_samples is not None:
             check_args(IMPORTANCE_ARGS, {"importance_samples": importance_samples, "points_per_pass": points_per_pass})
-        self.num_pixels, self.importance_samples = num_pixels, importance_samples
+        self.num_pixels, self.importance_samples, self.dim = num_pixels, importance_samples, sum(latent_dims)
         self.points_per_pass, self.seed = points_per_pass, seed
         self.means = ElboMeans(len(latent_dims))
         self.active = nn.ModuleList(ActiveUnits(d) for d in latent_dims)
@@ -173,12 +178,25 @@ class EvalMetrics(nn.Module):
         """One batch: x [B, C, H, W]; index, the images' positions in their data set, keys the NLL's common random
         numbers (without it, fresh draws)."""
         terms = model.elbo_terms(x)
-        self.means.update(terms.recon, terms.kl_layers)
-        for metric, mu in zip(self.active, model.posterior_means(x)):
+        log_w = None
+        if self.nll is not None:
+            log_w = importance_log_weights(model, x, self.importance_samples, self.points_per_pass, index=index,
+                                           seed=self.seed)  # [K, B]
+        self.record(terms.recon, terms.kl_layers, model.posterior_means(x), log_w)
+
+    def record(self, recon: Tensor, kl_layers: Tensor, means: list[Tensor], log_w: Tensor | None) -> None:
+        """One batch's outputs, however they were computed (update's, or a stacked sweep's vmapped pass): recon
+        [B], kl_layers [L, B], the posterior means [B, D_l] per layer, the importance log-weights [K, B]."""
+        self.means.update(recon, kl_layers)
+        for metric, mu in zip(self.active, means):
             metric.update(mu)
         if self.nll is not None:
-            self.nll.update(importance_log_weights(model, x, self.importance_samples, self.points_per_pass,
-                                                   index=index, seed=self.seed))  # [K, B]
+            self.nll.update(log_w)
+
+    def importance_noise(self, batch: int, index: Tensor, device: torch.device) -> list[Tensor]:
+        """The common random numbers importance_log_weights uses for these images, chunk by chunk: [n, B, D]."""
+        return [chunk for _, chunk in importance_chunks(self.importance_samples, self.points_per_pass, batch,
+                                                         self.dim, index, self.seed, device)]
 
     def compute(self, stage: str) -> dict[str, Tensor]:
         out = {f"{stage}/{k}": v for k, v in self.means.compute().items()}

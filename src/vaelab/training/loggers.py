@@ -8,6 +8,7 @@ import csv
 import logging
 import netrc
 import os
+import threading
 from pathlib import Path
 
 from lightning.pytorch.core.saving import save_hparams_to_yaml
@@ -110,6 +111,9 @@ def wandb_logger(
         # advertisement): vaelab says where the W&B run is and how to upload it (RunLoggers.start, print_summary);
         # W&B's warnings and errors stay
         settings=wandb.Settings(quiet=True, show_info=False),
+        # each run is its own W&B run, also where several share a process (a stacked sweep's members): none is
+        # wandb.run, so none finishes or logs into another
+        reinit="create_new",
     )
     # Lightning 2.6 always passes `anonymous` (None by default) to wandb.init, and wandb 0.31 warns about any value
     # of that deprecated setting; vaelab never sets it, so it is not passed at all
@@ -218,6 +222,8 @@ class RunLoggers:
         DDP ranks hold no W&B run). Define its metrics as dashboards expect; return the W&B run id."""
         run_id = None
         self.run_config = run_config
+        if self.wandb:
+            _open_runs().add(self)
         for lg in self.wandb:
             if rank_zero_only.rank == 0:
                 lg.experiment.config.update({**run_config, "vaelab": extra}, allow_val_change=True)
@@ -252,11 +258,9 @@ class RunLoggers:
         return entry, run_dir
 
     def preempted(self) -> None:
-        if self.wandb:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.run.mark_preempting()
+        for lg in self.wandb:
+            if lg._experiment is not None:
+                lg.experiment.mark_preempting()
         self.finish()
 
     def finish(self, exit_code: int = 0) -> None:
@@ -267,11 +271,13 @@ class RunLoggers:
             return
         import threading
 
-        import wandb
-
+        _open_runs().discard(self)
+        started = [lg.experiment for lg in self.wandb if lg._experiment is not None]
+        if not started:
+            return
         timeout = getattr(self.wandb[0], "vaelab_finish_timeout", 60.0)
-        run_dir = wandb_run_dir(self.wandb[0]) if wandb.run is not None else None
-        ended = threading.Thread(target=wandb.finish, kwargs={"exit_code": exit_code}, daemon=True)
+        run_dir = wandb_run_dir(self.wandb[0])
+        ended = threading.Thread(target=lambda: [run.finish(exit_code=exit_code) for run in started], daemon=True)
         ended.start()
         ended.join(timeout)
         if ended.is_alive():
@@ -302,9 +308,17 @@ def stop_wandb_service() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def finish_any_wandb_run(exit_code: int = 1) -> None:
-    """End a W&B run that an error left open (without importing wandb when no run started)."""
-    import sys
+_thread = threading.local()
 
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish(exit_code=exit_code)
+
+def _open_runs() -> set:
+    """The RunLoggers with a W&B run this thread started and has not finished (a stacked sweep's member is a thread)."""
+    if not hasattr(_thread, "open"):
+        _thread.open = set()
+    return _thread.open
+
+
+def finish_any_wandb_run(exit_code: int = 1) -> None:
+    """End the W&B runs that an error left open in this thread."""
+    for loggers in list(_open_runs()):
+        loggers.finish(exit_code=exit_code)

@@ -23,7 +23,7 @@ from vaelab.training.engine import CudaGraphEngine, StepEngine
 from vaelab.training.execution import plan_execution
 from vaelab.training.objective import Loss
 from vaelab.training.optim import Factory, as_spec, build_optimizer, optimizer_factory, scheduler_factory
-from vaelab.training.stack_member import StackedEngine, linked
+from vaelab.training.stack_member import StackedEngine, current_member, update_metrics
 from vaelab.training.step_records import StepCurves
 
 log = logging.getLogger("vaelab")
@@ -248,7 +248,7 @@ class VAEModule(L.LightningModule):
                 callback.stop_after_validation(self.trainer, self)
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        self.val_metrics.update(self.model, x)
+        update_metrics(self.val_metrics, self.model, x)  # in a stacked sweep: vmapped with the other members
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute("val")
@@ -260,7 +260,7 @@ class VAEModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        self.test_metrics.update(self.model, x, index)
+        update_metrics(self.test_metrics, self.model, x, index)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute("test"))
@@ -304,10 +304,11 @@ class VAEModule(L.LightningModule):
         args = dict(model=self.model, optimizer=optimizer, loss=self.loss, backward=backward,
                     images=partial(step_images, plan=plan, gather=gather), clip=clip if clip_value else None,
                     check_every=self.check_every)
-        conn = linked()
-        if conn is not None:  # a member of a stacked sweep: the group's stack server runs the steps
-            engine = StackedEngine(**args, conn=conn, max_grad_norm=clip_value)
-            engine.attach(plan.steps if plan is not None else 1, self.trainer.datamodule.batch_size)
+        member = current_member()
+        if member is not None:  # a member of a stacked sweep: its group runs the steps, stacked with the others'
+            engine = StackedEngine(**args, member=member, max_grad_norm=clip_value)
+            engine.attach(plan.steps if plan is not None else 1, self.trainer.datamodule.batch_size,
+                          self.trainer.max_epochs)
             return engine
         if plan is not None and plan.indices_on is not None:
             return CudaGraphEngine(**args, shape=(plan.steps, self.trainer.datamodule.batch_size),

@@ -72,11 +72,14 @@ class Stack:
         floored = torch.where(free_bits[:, None] > 0, torch.maximum(kl, free_bits[:, None]), kl)
         return recon.mean(-1) + weight * floored.sum(-1)
 
-    def train_step(self, x: Tensor, noise: Tensor, weight: Tensor, hyper: Tensor, active: Tensor) -> Tensor:
+    def train_step(self, x: Tensor, noise: Tensor, weight: Tensor, hyper: Tensor, active: Tensor, clip: bool = True,
+                   decay: bool = True) -> Tensor:
         """One optimiser step of the members where `active` [N] (bool, on the device) is true. weight [N] (KL
-        weights), hyper [N, len(HYPER)]. Returns the statistics [N, L + 2]: recon and each layer's KL summed over
-        the batch, the objective (rows of inactive members: whatever their stale inputs give). No host sync and
-        static shapes: an inactive or diverged member is masked, not indexed out."""
+        weights), hyper [N, len(HYPER)]. clip, decay: whether any member clips its gradient or decays its weights
+        (known on the host from the members' settings: False skips that pass over every member). Returns the
+        statistics [N, L + 2]: recon and each layer's KL summed over the batch, the objective (rows of inactive
+        members: whatever their stale inputs give). No host sync and static shapes: an inactive or diverged member is
+        masked, not indexed out."""
         hyper = hyper.to(weight.device, non_blocking=True)
         params = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
         recon, kl_layers = self.terms(x, noise, params)
@@ -86,44 +89,54 @@ class Stack:
         update = active & torch.isfinite(objective.detach())
         # summed, not averaged: member i's gradient is its own objective's
         grads = torch.autograd.grad(torch.where(update, objective, 0.0).sum(), list(params.values()))
-        self._adam(dict(zip(params, grads)), hyper, update)
+        self._adam(dict(zip(params, grads)), hyper, update, clip or self.kind == "adam_normgrad", decay)
         return stats
 
     @torch.no_grad()
-    def _adam(self, grads: dict[str, Tensor], hyper: Tensor, update: Tensor) -> None:
+    def _adam(self, grads: dict[str, Tensor], hyper: Tensor, update: Tensor, clip: bool, decay: bool) -> None:
         """Adam / AdamW (and vaelab's AdamNormGrad) for all N members at once, over flat [N, total] buffers that
-        the members' parameters and moments view: a fixed number of kernels whatever N, with each member's own
-        hyper-parameters as [N] tensors on the device (no host sync), and a member outside `update` untouched
-        (masked, not indexed out). Per member, the arithmetic of torch's fused kernel: the solo step's."""
+        the members' parameters and moments view: a fixed number of kernels whatever N (nine passes over the
+        buffers, two more with clipping and weight decay), with each member's own hyper-parameters as [N] tensors
+        on the device (no host sync), and a member outside `update` untouched (masked, not indexed out). Per
+        member, the arithmetic of torch's fused kernel: the solo step's. The gradients are gathered into one
+        persistent buffer, which then holds the denominators: no per-step allocation of [N, total] tensors."""
         h = hyper.to(self.flat.device, non_blocking=True)
         lr, wd, b1, b2, eps, max_norm, _ = (c[:, None] for c in h.unbind(1))  # each [N, 1]
         uf = update[:, None].float()
-        g = torch.cat([grads[n].reshape(self.n, -1) for n in self.names], 1)  # [N, total], in the buffers' order
+        if getattr(self, "_work", None) is None:
+            self._work = torch.empty_like(self.flat)
+        g = torch.cat([grads[n].reshape(self.n, -1) for n in self.names], 1, out=self._work)  # buffers' order
         g.masked_fill_(~update[:, None], 0.0)  # a skipped member's NaN gradient reaches nothing
-        segments = g.split(self.sizes, 1)  # each parameter tensor's columns
-        norms = torch.stack([torch.linalg.vector_norm(s, dim=1) for s in segments], 1)  # [N, P], per member
-        total = torch.linalg.vector_norm(norms, dim=1, keepdim=True)
-        clip = torch.where(torch.isfinite(max_norm), (max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)  # [N, 1]
-        if self.kind == "adam_normgrad":  # AdamNormGrad: each tensor's clipped gradient to unit norm
-            scale = clip / (norms * clip + 1e-7)
-            for j, s in enumerate(segments):
-                s.mul_(scale[:, j : j + 1])
-        else:
-            g.mul_(clip)
+        if clip:
+            segments = g.split(self.sizes, 1)  # each parameter tensor's columns
+            norms = torch.stack([torch.linalg.vector_norm(s, dim=1) for s in segments], 1)  # [N, P], per member
+            total = torch.linalg.vector_norm(norms, dim=1, keepdim=True)
+            scale = torch.where(torch.isfinite(max_norm), (max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)  # [N, 1]
+            if self.kind == "adam_normgrad":  # AdamNormGrad: each tensor's clipped gradient to unit norm
+                scale = scale / (norms * scale + 1e-7)
+                for j, s in enumerate(segments):
+                    s.mul_(scale[:, j : j + 1])
+            else:
+                g.mul_(scale)
         self.step.add_(uf[:, 0])
         step = self.step[:, None].clamp(min=1.0)  # a member that never stepped: no 0/0 in its (unused) update
         p, m, v = self.flat, self.flat_exp_avg, self.flat_exp_avg_sq
-        if self.kind == "adamw":
+        if decay and self.kind == "adamw":
             p.mul_(1 - lr * wd * uf)
-        else:
+        elif decay:
             g.addcmul_(p, wd)
         # in place over the flat buffers, one pass each; a member outside `update` has weight 0 in every line
         m.lerp_(g, (1 - b1) * uf)
         v.lerp_(g.square_(), (1 - b2) * uf)
+        # p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps), the fused kernel's update, as p -= m / denom with
+        # denom = sqrt(v) * a + c in one pass; a member outside `update`: a = 0, c = inf, so m / inf = 0
         step_size = lr / (1 - b1.pow(step))
-        # m / denom = step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps), the fused kernel's update
-        denom = torch.sqrt(v, out=g).div_((1 - b2.pow(step)).sqrt()).add_(eps).div_(step_size)
-        denom.masked_fill_(~update[:, None], math.inf)  # a member outside `update`: m / inf = 0, whatever its eps
+        a = torch.where(update[:, None], 1 / ((1 - b2.pow(step)).sqrt() * step_size), 0.0)
+        c = torch.where(update[:, None], eps / step_size, math.inf)
+        # sqrt of v's subnormal entries (gradients at rounding level, squared) is ~30x slower on a CPU: they are
+        # raised to the smallest normal float, whose root (1e-19) is below any eps
+        denom = torch.clamp(v, min=torch.finfo(v.dtype).tiny, out=g).sqrt_()
+        torch.addcmul(c, denom, a, out=denom)
         p.addcdiv_(m, denom, value=-1.0)
 
 

@@ -1,30 +1,39 @@
-"""A member of a stacked sweep: an ordinary run (vaelab-train's whole app, in its own process) whose optimiser steps
-the group's stack server runs (stack_server.py). Its step engine, StackedEngine, prepares exactly what the solo engine
-would use (the step's images as its data module cuts and binarises them, the reparameterisation noise from the
-run's own generator in the order elbo_terms draws it, the KL weight, the optimiser's current hyper-parameters)
-and hands it over; its weights and Adam moments are views of its slice of the stack while it trains, so its
-validation, checkpoints and test read what the server wrote. Everything else is the solo run's code."""
+"""A member of a stacked sweep: an ordinary run (vaelab-train's whole task, in a thread of the sweep's process)
+whose optimiser steps its group runs as one stacked model (stack_group.py). Its step engine, StackedEngine,
+prepares exactly what the solo engine would use (the step's images as its data module cuts and binarises them,
+the reparameterisation noise from the run's own generator in the order elbo_terms draws it, the KL weight, the
+optimiser's current hyper-parameters) and hands it over; while it trains, its weights and Adam moments are views
+of its slice of the stack, so its validation, checkpoints and test read what the stacked steps wrote. Everything
+else is the solo run's code."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from vaelab.errors import VaelabError
 from vaelab.training.engine import StepEngine, StepStats
 from vaelab.training.stack import STACKED_OPTIMIZERS, hyper_row
+from vaelab.training.stack_group import EvalRequest, Member, Request, StackError, current_member
 
-_LINK = None  # this process's connection to its stack server, when it is a member of a stacked sweep
-
-
-def join(conn) -> None:
-    """Make this process a member of the stack served over `conn` (the launcher calls it in the member)."""
-    global _LINK
-    _LINK = conn
+__all__ = ["StackError", "StackedEngine", "current_member", "optimizer_kind", "update_metrics"]
 
 
-def linked():
-    return _LINK
+@torch.no_grad()
+def update_metrics(metrics, model: torch.nn.Module, x: Tensor, index: Tensor | None = None) -> None:
+    """metrics.update(model, x, index), or, in a stacked sweep's member, the same outputs from the group's vmapped
+    pass over every member evaluating a batch of this shape: the member draws what update would draw (the ELBO's
+    noise from its own generator, the NLL's common random numbers), and records what comes back."""
+    member = current_member()
+    needs_index = metrics.nll is not None and index is None  # fresh importance draws: only update's own
+    if member is None or needs_index or getattr(model, "spec", lambda: None)() is None:
+        metrics.update(model, x, index)
+        return
+    chunks = [] if metrics.nll is None else [c.to(x.dtype) for c in metrics.importance_noise(x.shape[0], index,
+                                                                                               x.device)]
+    request = EvalRequest(model, {n: p.detach() for n, p in model.named_parameters()}, x,
+                          model.draw_noise(x.shape[0], x.device), chunks)
+    member.group.step(member.index, request)
+    metrics.record(*request.result)
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -36,54 +45,49 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
     return STACKED_OPTIMIZERS.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
-class StackError(VaelabError):
-    pass
-
-
 class StackedEngine(StepEngine):
     """The solo engine's contract (run n optimiser steps, return their StepStats, stop before a non-finite step)
-    with the steps run by the stack server."""
+    with the steps run by the member's group, stacked with the other members'."""
 
     name = "stacked"
 
-    def __init__(self, *args, conn, max_grad_norm: float | None, **kwargs) -> None:
+    def __init__(self, *args, member: Member, max_grad_norm: float | None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.conn, self.max_grad_norm = conn, max_grad_norm
+        self.member, self.max_grad_norm = member, max_grad_norm
         self.kind = optimizer_kind(self.optimizer)
         if self.kind is None:
             raise StackError(f"{type(self.optimizer).__name__} cannot be stacked; run this sweep with "
                              "hydra/launcher=basic or joblib, or use optim=adam, adamw or adam_normgrad")
         self.params = dict(self.model.named_parameters())
         self.shared = None
+        self.max_epochs = -1
 
-    def attach(self, steps: int, batch: int) -> None:
-        """Register with the server: this run's weights and Adam state (initial, or as its checkpoint restored
-        them) go into its slice, which the run's parameters and moments then view."""
+    def attach(self, steps: int, batch: int, max_epochs: int = -1) -> None:
+        """Join the stack: this run's weights and Adam state (initial, or as its checkpoint restored them) go into
+        its slice, which the run's parameters and moments then view."""
         adam = None
         states = [self.optimizer.state.get(p) for p in self.params.values()]
         if all(s and "exp_avg" in s for s in states):
-            adam = {"step": float(states[0]["step"]),
-                    "exp_avg": {n: s["exp_avg"].detach().cpu() for n, s in zip(self.params, states)},
-                    "exp_avg_sq": {n: s["exp_avg_sq"].detach().cpu() for n, s in zip(self.params, states)}}
+            adam = {"step": float(states[0]["step"]), "exp_avg": {n: s["exp_avg"] for n, s in zip(self.params, states)},
+                    "exp_avg_sq": {n: s["exp_avg_sq"] for n, s in zip(self.params, states)}}
         spec = self.model.spec()
         if spec is None:
             raise StackError("this model has parts no spec describes (a custom encoder), so it cannot be stacked")
-        self._send(("register", {"spec": spec, "image_shape": list(self.model.image_shape), "optimizer": self.kind,
-                                 "steps": steps, "batch": batch,
-                                 "params": {n: p.detach().cpu() for n, p in self.params.items()}, "adam": adam}))
-        reply = self._receive()
-        i = reply["index"]
-        self.index, self.shared = i, reply
-        self.slots = reply["slots"]
+        built = {"spec": spec, "image shape": "x".join(map(str, self.model.image_shape)), "batch size": batch,
+                 "steps per execution": steps, "optimizer": self.kind}
+        shared = self.member.group.register(self.member.index, built, {n: p.detach() for n, p in self.params.items()},
+                                            adam)
+        i = self.member.index
+        self.shared, self.slots, self.max_epochs = shared, shared["slots"], max_epochs
         for name, p in self.params.items():
-            p.data = reply["params"][name][i]
-            self.optimizer.state[p] = {"step": reply["step"][i], "exp_avg": reply["exp_avg"][name][i],
-                                       "exp_avg_sq": reply["exp_avg_sq"][name][i]}
+            p.data = shared["params"][name][i]
+            self.optimizer.state[p] = {"step": shared["step"][i], "exp_avg": shared["exp_avg"][name][i],
+                                       "exp_avg_sq": shared["exp_avg_sq"][name][i]}
 
     def run(self, batch: Tensor, n: int, step0: int) -> StepStats:
         if self.shared is None:
-            raise StackError("the stacked engine ran a step before it registered with its server")
-        i, slots = self.index, self.slots
+            raise StackError("the stacked engine ran a step before it joined its stack")
+        i, slots = self.member.index, self.slots
         size = 0
         for k in range(n):  # the solo engine's order of draws: step k's images, then its noise
             x = self.images(batch, k)
@@ -92,12 +96,11 @@ class StackedEngine(StepEngine):
             slots["noise"][i, k, :size].copy_(self.model.draw_noise(size, x.device))
             slots["weight"][i, k] = float(self.weight(step0 + k))
         group = self.optimizer.param_groups[0]
-        slots["hyper"][i].copy_(torch.tensor(hyper_row(group, self.kind, self.max_grad_norm, self.loss.free_bits)))
-        self._send(("step", n, size))
-        self._receive()
-        self.optimizer._opt_called = True  # stepped, by the server: a schedule's step after it is in order
+        slots["hyper"][i] = torch.tensor(hyper_row(group, self.kind, self.max_grad_norm, self.loss.free_bits))
+        self.member.group.step(i, Request(n, size, step0, self.steps_per_epoch, self.max_epochs))
+        self.optimizer._opt_called = True  # stepped, by the stack: a schedule's step after it is in order
         stats = StepStats(slots["step_rows"][i, :n].clone())
-        if self.check_every == 1:  # the solo engine stops before a non-finite step; the server did not apply it
+        if self.check_every == 1:  # the solo engine stops before a non-finite step; the stack did not apply it
             bad = ~torch.isfinite(stats.objective)
             if bad.any():
                 first = int(bad.nonzero()[0])
@@ -107,8 +110,8 @@ class StackedEngine(StepEngine):
         return stats
 
     def detach(self) -> None:
-        """Leave the stack: the run's weights and moments become its own copies again, then the server is told,
-        so that nothing it writes later can reach this run (its test phase loads the best checkpoint)."""
+        """Leave the stack: the run's weights and moments become its own copies again, then the group is told,
+        so that nothing a later stacked step writes can reach this run (its test phase loads the best checkpoint)."""
         if self.shared is None:
             return
         for p in self.params.values():
@@ -117,24 +120,4 @@ class StackedEngine(StepEngine):
             for key, value in state.items():
                 state[key] = value.clone()
         self.shared = None
-        try:
-            self._send(("retire",))
-        except StackError:
-            pass
-
-    def _send(self, message) -> None:
-        try:
-            self.conn.send(message)
-        except (OSError, EOFError):
-            raise StackError("the sweep's stack server has gone (its process ended); the checkpoints saved so far "
-                             "are whole: rerun the sweep with resume=auto") from None
-
-    def _receive(self):
-        try:
-            kind, *payload = self.conn.recv()
-        except (OSError, EOFError):
-            raise StackError("the sweep's stack server has gone (its process ended); the checkpoints saved so far "
-                             "are whole: rerun the sweep with resume=auto") from None
-        if kind == "refused":
-            raise StackError(payload[0])
-        return payload[0] if payload else None
+        self.member.group.retire(self.member.index)

@@ -66,7 +66,14 @@ class Preemption(L.Callback):
         import threading
 
         if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
+            # signal handlers can only be set from the main thread; a stacked sweep's member (a thread of the sweep's
+            # process) is flagged by its group's handler instead
+            from vaelab.training.stack_group import current_member
+
+            member = current_member()
+            if member is not None:
+                member.watch(self)
+            return
         for name in self.SIGNALS:
             signum = getattr(signal, name)
             current = signal.getsignal(signum)
