@@ -39,6 +39,10 @@ print("BEST", best)
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # as quiet as the app: vaelab's progress lines and the script's own prints, nothing of Lightning's
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith(("epoch 1/1", "test", "BEST ")) for ln in lines), lines
+    assert not [ln for ln in proc.stderr.splitlines() if ln.strip()], proc.stderr[-3000:]
     nll = float(re.search(r"test NLL ([\d.]+) nats", proc.stdout).group(1))
     assert 200 < nll < 600
     best = re.search(r"^BEST (.+)$", proc.stdout, re.M).group(1)

@@ -95,6 +95,24 @@ def test_optuna_sweeper_minimises_the_returned_metric(tmp_path, fashion_mnist):
     assert {"optim.lr", "model.latent_dim", "prior.num_components", "loss.beta"} <= set(best["best_params"])
     assert {t["prior"] for t in trials} == {"vamp"}
 
+    # the study persists in the sweep directory (SQLite): the same command there continues it, its new trials
+    # numbered after the stored ones (jobs 3 and 4, the finished ones untouched), the sampler knowing all five
+    import optuna
+
+    study = optuna.load_study(study_name="vaelab", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.value for t in study.trials] == pytest.approx(losses)
+    first = (sweep / "0" / "results.json").read_text()
+    proc = run_app("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                   *TINY, "trainer.max_epochs=1", "logger=csv", "data.subset=200", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (sweep / "0" / "results.json").read_text() == first
+    more = [json.loads((sweep / str(i) / "results.json").read_text())["metrics"]["val/loss"] for i in (3, 4)]
+    study = optuna.load_study(study_name="vaelab", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert [t.value for t in study.trials] == pytest.approx(losses + more)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(losses + more))
+
 
 def test_a_frozen_ddp_process_ends_the_run_with_one_line_after_the_timeout(tmp_path, fashion_mnist):
     import time
@@ -111,3 +129,47 @@ def test_a_frozen_ddp_process_ends_the_run_with_one_line_after_the_timeout(tmp_p
     assert elapsed < 120  # the timeout, not forever
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # saved after epoch 1, intact
     assert ckpt["global_step"] == 4
+
+
+def test_the_shipped_wandb_sweep_trains_through_vaelab_train(tmp_path, fashion_mnist):
+    """scripts/wandb_sweep.yaml, as `wandb agent` would run one of its runs, offline: every parameter is a Hydra
+    override vaelab-train accepts, and the command W&B's agent builds from the config (its own code for the
+    arguments, its macro rules for ${env} and ${args_no_hyphens}) trains one ordinary run whose W&B run is the
+    agent's (its id, and the chosen values in its config)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from conftest import ROOT, app_env, compose
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    from vaelab.cli.config import validate
+
+    sweep = yaml.safe_load((ROOT / "scripts" / "wandb_sweep.yaml").read_text())
+    assert sweep["method"] in ("grid", "random", "bayes") and sweep["metric"]["goal"] in ("minimize", "maximize")
+    assert sweep["metric"]["name"] == "val/loss"  # logged every epoch, with W&B's summary at its minimum
+    # one run's values, as the sweep server would choose them (the lowest of each), plus a tiny run's fixed ones
+    chosen = {k: (v["values"][0] if "values" in v else v["min"]) for k, v in sweep["parameters"].items()}
+    fixed = dict(o.split("=", 1) for o in TINY if "progress_bar" not in o)
+    overrides = [f"{k}={v}" for k, v in {**chosen, **fixed}.items()]
+    validate(compose(*overrides))  # every parameter is a key vaelab-train takes
+    run_id = "agentrun1"
+    command = {"args": {k: {"value": v} for k, v in {**chosen, **fixed,
+                                                      "hydra.run.dir": str(tmp_path / "run")}.items()}}
+    sweep_vars = {**create_sweep_command_args(command), "env": ["/usr/bin/env"], "program": [sweep["program"]]}
+    argv = []
+    for c in create_sweep_command(list(sweep["command"])):  # the agent's own loop (wandb/wandb_agent.py)
+        argv += sweep_vars.get(c[2:-1]) or [] if c.startswith("${") and c.endswith("}") else [c]
+    assert argv[:2] == ["/usr/bin/env", "vaelab-train"] and "loss.beta=0.5" in argv and "prior=standard" in argv
+    env = dict(app_env(), WANDB_RUN_ID=run_id, PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                      os.environ.get("PATH", "")]))
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "finished" and results["prior"] == "standard" and results["wandb"]["id"] == run_id
+    (run_dir,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}")
+    config = wandb_files.config(run_dir)
+    assert config["loss"]["beta"] == 0.5 and config["model"]["latent_dim"] == 16
+    assert config["optim"]["lr"] == pytest.approx(1e-4)

@@ -22,6 +22,8 @@ _EXPORTS = {
     # VAE(shape, prior=partial(MixtureOfGaussians, num_components=10), posterior=partial(IAFPosterior, num_flows=2))
     "Prior": "vaelab.models.priors", "MixtureOfGaussians": "vaelab.models.priors",
     "GaussianPosterior": "vaelab.models.posteriors", "IAFPosterior": "vaelab.models.posteriors",
+    # a plain Trainer as quiet as the app: Lightning's INFO lines off, and vaelab's progress lines for its bar
+    "quiet_lightning": "vaelab.console", "LineProgress": "vaelab.training.callbacks",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

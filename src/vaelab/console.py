@@ -25,3 +25,11 @@ def say(text: str) -> None:
     for line in text.splitlines():
         if line.strip():
             _log.info(line)
+
+
+def quiet_lightning() -> None:
+    """Lightning's INFO lines off (devices, tips, checkpoint restores, "`Trainer.fit` stopped"), its warnings kept:
+    what the app's logging config does (conf/hydra/default.yaml), for a script or notebook with a plain Trainer.
+    Opt-in: importing vaelab changes nobody's logging."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)

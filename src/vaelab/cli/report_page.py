@@ -78,10 +78,12 @@ def curves_figure(runs) -> bytes:
                 ax.text(0.5, 0.5, "no points recorded", ha="center", va="center", transform=ax.transAxes)
     seeds_of = {label: sum(r.label == label for r in runs) for label in labels}
     handles = [Line2D([], [], color=colour[label], linewidth=2.2) for label in labels]
-    names = [f"{label} ({seeds_of[label]} seeds: thin, mean: thick)" if seeds_of[label] > 1 else label
-             for label in labels]
-    fig.legend(handles, names, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 * (1 + (len(labels) - 1) // 4), 1, 1))
+    names = [f"{label} ({seeds_of[label]} seeds)" if seeds_of[label] > 1 else label for label in labels]
+    # the seeds' key said once, as the legend's title: each entry stays short enough for four to a row
+    title = "each seed a thin line, their mean a thick one" if max(seeds_of.values(), default=1) > 1 else None
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False,
+               title=title, title_fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(labels) - 1) // 4) + (0.03 if title else 0), 1, 1))
     return _png(fig)
 
 
