@@ -117,3 +117,23 @@ def test_a_damaged_idx_file_is_rebuilt_from_debian_or_named_in_one_sentence(fash
         load_images("mnist", tmp_path, download=False)
     assert str(err.value) == (f"{raw / 't10k-labels-idx1-ubyte'} is damaged (58 bytes where its header promises "
                               "10,008); delete it and run once online with data.download=true, to fetch it again")
+
+
+def test_runs_of_one_process_share_one_copy_of_their_split():
+    """A stacked sweep's members (threads of one process) hold one copy of their images: data modules that differ
+    only in their training order (data.seed) or batch sizes share the split's tensors; another split is built
+    afresh; and a module that moves its sets to a device gets new sets, leaving the shared ones where they were."""
+    from vaelab.data import ImageDataModule
+
+    a = ImageDataModule("synthetic", subset=300, val_size=100, seed=1, batch_size=50)
+    b = ImageDataModule("synthetic", subset=300, val_size=100, seed=2, batch_size=20)
+    a.setup("fit")
+    b.setup("fit")
+    assert a.train_set.images is b.train_set.images and a.test_set.images is b.test_set.images
+    shared = a.train_set
+    d = ImageDataModule("synthetic", subset=300, val_size=100, device="cpu")
+    d.setup("fit")  # the shared split, moved: new sets for d, a's untouched
+    assert d.train_set is not shared and a.train_set is shared and torch.equal(d.train_set.images, shared.images)
+    c = ImageDataModule("synthetic", subset=300, val_size=50, seed=1)
+    c.setup("fit")
+    assert c.train_set.images is not a.train_set.images and len(c.val_set) == 50

@@ -34,6 +34,19 @@ def val_count(val_size, n: int) -> int:
 _BUILT: dict[str, tuple] = {}
 
 
+_MOVED: dict[tuple, tuple] = {}
+
+
+def _on_device(splits: tuple, device) -> tuple:
+    """The splits' images on `device`, as new sets (the host sets may be shared with other runs of this process,
+    which may train elsewhere); moved once per process and device, so a stacked sweep's members share one copy."""
+    key = (tuple(id(s) for s in splits), str(device))
+    if key not in _MOVED:
+        _MOVED.clear()  # the newest only, as _BUILT
+        _MOVED[key] = (splits, tuple(InMemoryImages(s.images.to(device)) for s in splits))  # the host sets kept: ids
+    return _MOVED[key][1]
+
+
 class ImageDataModule(L.LightningDataModule):
     """Fashion-MNIST (default), MNIST, CIFAR-10, your own images (name="folder" or "arrays" with `path`) or synthetic
     shapes, as in-memory tensors.
@@ -139,8 +152,8 @@ class ImageDataModule(L.LightningDataModule):
             root = trainer.strategy.root_device if trainer is not None else None
             device = root if root is not None and root.type == "cuda" else None
         if device is not None:  # a GPU-resident data set: batches are cut where the model runs, nothing crosses the bus
-            for split in (self.train_set, self.val_set, self.test_set):
-                split.images = split.images.to(device)
+            self.train_set, self.val_set, self.test_set = _on_device((self.train_set, self.val_set, self.test_set),
+                                                                     device)
 
     def _build(self) -> None:
         key = self._split_key()
