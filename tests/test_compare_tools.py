@@ -242,3 +242,27 @@ def test_gmm_sampler_draws_where_the_codes_are_and_the_page_shows_it(sweep, tmp_
     assert got["gmm"] == pytest.approx(float(mixture.log_prob(codes).mean()), rel=1e-6)
     assert got["prior"] == pytest.approx(float(model.prior.log_prob(codes.float()).mean()), rel=1e-5)
     assert sampler.sample(5).shape == (5, 1, 28, 28)
+
+
+def test_the_curves_legend_fits_its_figure():
+    """Four configurations of two seeds each, named as experiment=compare names them: the figure's one legend has
+    ink (it is drawn) and nothing touches the image's left or right edge (a legend wider than the figure was cut
+    off at both ends on the page)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from vaelab.cli.report import Run
+    from vaelab.cli.report_page import curves_figure
+
+    runs = []
+    for i, label in enumerate(f"{m}+{p} (bernoulli)" for m in ("vanilla", "deep") for p in ("standard", "vamp")):
+        for seed in (1, 2):
+            curves = {f"{split}/{key}": [(e, 100.0 - 10 * e + i + seed) for e in range(1, 5)]
+                      for split in ("train", "val") for key in ("elbo", "recon", "kl")}
+            runs.append(Run(Path(f"/runs/{i}{seed}"), label, seed, "finished", curves=curves))
+    pixels = plt.imread(io.BytesIO(curves_figure(runs)))[..., :3]
+    ink = pixels.min(axis=2) < 0.5  # dark pixels: text and lines
+    band = ink[int(0.9 * ink.shape[0]):]  # the legend's rows, below the lower axes' labels
+    assert band.any(), "no legend drawn"
+    assert not ink[:, :3].any() and not ink[:, -3:].any(), "something is cut off at the figure's edge"

@@ -292,14 +292,14 @@ def run_stack(launcher, configs: list[DictConfig], device: str) -> list[JobRetur
     """The members, each Hydra's run_job of the vaelab-train task in a thread of this process, taking turns; their
     optimiser steps run as one stacked model (training/stack_group.py). One progress line for the stack and one line
     per member as it ends: the members' own lines go to their train.log."""
-    from vaelab.training.stack_group import StackGroup
+    from vaelab.training.stack_group import StackGroup, logging_state, restore_logging
 
     dirs = [Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir) for cfg in configs]
     names = [f"member {cfg.hydra.job.num} ({d})" for cfg, d in zip(configs, dirs)]
     returns: list[JobReturn | None] = [None] * len(configs)
     hydra_config = HydraConfig.instance()
     logger_names = tuple(OmegaConf.to_container(configs[0].hydra.job_logging, resolve=False).get("loggers") or {})
-    launcher_logging = _logging_state(logger_names)
+    launcher_logging = logging_state(("", *logger_names))  # restored once the members, each its train.log, are done
 
     def job(i: int):
         def member() -> None:
@@ -317,19 +317,8 @@ def run_stack(launcher, configs: list[DictConfig], device: str) -> list[JobRetur
     try:
         group.run([job(i) for i in range(len(configs))])
     finally:
-        _restore_logging(launcher_logging)
+        restore_logging(launcher_logging)
     return stack_ended(names, [m.exit_code for m in group.members], returns, dirs)
-
-
-def _logging_state(names: tuple[str, ...]) -> dict:
-    return {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level) for n in ("", *names)}
-
-
-def _restore_logging(state: dict) -> None:
-    """The launcher's logging as it was before its members configured theirs (each its own train.log)."""
-    for name, (handlers, level) in state.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).setLevel(level)
 
 
 def member_ended(cfg: DictConfig, run_dir: Path, exit_code) -> None:

@@ -55,6 +55,7 @@ class Stack:
         self.params, self.exp_avg, self.exp_avg_sq = views(self.flat), views(self.flat_exp_avg), views(self.flat_exp_avg_sq)
         self.step = zeros((n,))
         self.names = list(shapes)
+        self._work: Tensor | None = None  # the update's [N, total] buffer (gradients, then denominators), made once
         self.sizes = sizes
         self._terms = vmap(self._member_terms)
 
@@ -103,7 +104,7 @@ class Stack:
         h = hyper.to(self.flat.device, non_blocking=True)
         lr, wd, b1, b2, eps, max_norm, _ = (c[:, None] for c in h.unbind(1))  # each [N, 1]
         uf = update[:, None].float()
-        if getattr(self, "_work", None) is None:
+        if self._work is None:
             self._work = torch.empty_like(self.flat)
         g = torch.cat([grads[n].reshape(self.n, -1) for n in self.names], 1, out=self._work)  # buffers' order
         g.masked_fill_(~update[:, None], 0.0)  # a skipped member's NaN gradient reaches nothing

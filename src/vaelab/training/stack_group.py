@@ -38,6 +38,7 @@ from vaelab.errors import VaelabError
 from vaelab.models.build import build_from_spec
 from vaelab.training.engine import StepStats
 from vaelab.training.stack import HYPER, Stack
+from vaelab.training.stops import first_stop
 
 log = logging.getLogger("vaelab")
 
@@ -53,6 +54,18 @@ class StackError(VaelabError):
 def current_member() -> Member | None:
     """The stack member this thread runs, or None outside a stacked sweep."""
     return getattr(_here, "member", None)
+
+
+def logging_state(names) -> dict:
+    """These loggers' handlers and settings ("": the root logger), as Hydra's job logging config sets them."""
+    return {name: (list(lg.handlers), lg.level, lg.propagate, lg.disabled)
+            for name, lg in ((n, logging.getLogger(n)) for n in names)}
+
+
+def restore_logging(state: dict) -> None:
+    for name, (handlers, level, propagate, disabled) in state.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
 
 
 @dataclass
@@ -129,10 +142,8 @@ class Member:
     # -- the per-process state a member owns while it runs -----------------------------------------
     def save(self) -> None:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        loggers = {name: (list(lg.handlers), lg.level, lg.propagate, lg.disabled)
-                   for name, lg in ((n, logging.getLogger(n)) for n in self.group.logger_names())}
-        self.saved = (torch.get_rng_state(), cuda, random.getstate(), np.random.get_state(), loggers,
-                      [get() for get, _ in self.group.swaps])
+        self.saved = (torch.get_rng_state(), cuda, random.getstate(), np.random.get_state(),
+                      logging_state(self.group.logger_names()), [get() for get, _ in self.group.swaps])
 
     def restore(self) -> None:
         if self.saved is None:  # its first turn: it sets up its own state (seeds, logging) as a run alone does
@@ -143,9 +154,7 @@ class Member:
             torch.cuda.set_rng_state_all(cuda)
         random.setstate(py_rng)
         np.random.set_state(np_rng)
-        for name, (handlers, level, propagate, disabled) in loggers.items():
-            lg = logging.getLogger(name)
-            lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
+        restore_logging(loggers)
         for (_, put), value in zip(self.group.swaps, extra):
             put(value)
 
@@ -253,15 +262,9 @@ class StackGroup:
 
     # -- signals and members that hold the others up ---------------------------------------------------
     def _signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.signalled == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signalled = self.signalled or name
-        if name == "SIGINT":
-            print("\nvaelab: Ctrl-C: every member saves at the end of its step (Ctrl-C again to stop at once)",
-                  flush=True)
+        self.signalled = first_stop(signum, self.signalled, "every member saves at the end of its step")
         for member in self.members:
-            member.stop(name)
+            member.stop(signal.Signals(signum).name)
 
     def _watch(self) -> None:
         """Name and stop a member that has held the turn for member_timeout seconds in training, while other

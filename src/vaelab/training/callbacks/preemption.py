@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from vaelab.training.stops import first_stop
+
 
 class Preemption(L.Callback):
     """On every signal a scheduler or a person sends before a run is stopped (SIGTERM, SIGUSR1, SIGUSR2 - which
@@ -82,14 +84,7 @@ class Preemption(L.Callback):
             signal.signal(signum, self._flag)
 
     def _flag(self, signum, frame) -> None:
-        import signal
-
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signal_name = self.signal_name or name
-        if name == "SIGINT":
-            print("\nvaelab: Ctrl-C: saving at the end of this step (Ctrl-C again to stop at once)", flush=True)
+        self.signal_name = first_stop(signum, self.signal_name, "saving at the end of this step")
 
     def requeue_handler(self):
         """submitit's handler for the signal that stopped the run, as a callable that requeues the job (None
