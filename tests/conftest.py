@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,32 @@ def run_app(*args: str, module: str = "vaelab.cli.train", timeout: int = 600) ->
     """Run an entry point as a user would, in a subprocess, from the repo root."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def fault(kind: str, name: str = "fault", **args) -> list[str]:
+    """The overrides that add tests/fault_callbacks.py's `kind` to a run as callbacks.<name>, with its arguments
+    (signals by number): fault("SignalAt", step=10, signum=signal.SIGTERM)."""
+    values = {k: int(v) if isinstance(v, signal.Signals) else v for k, v in args.items()}
+    return [f"+callbacks.{name}._target_=fault_callbacks.{kind}", *(f"+callbacks.{name}.{k}={v}" for k, v in values.items())]
+
+
+def run_ok(*args: str, **kw) -> subprocess.CompletedProcess:
+    """run_app, which must end with exit status 0 (else the test fails showing the output's tails)."""
+    proc = run_app(*args, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def stopped_then_resumed(*args: str, fault_args: list[str], between=None, fault_on_resume: bool = True, **kw):
+    """The shape of a fault run: the app stopped by a fault (it saves, says how to continue and exits 0), then the
+    same command with resume=auto (`between()` runs in between). The resume keeps the fault, as a user repeats the
+    command, unless fault_on_resume=False (a fault that would fire again where the resume passes). Returns both
+    processes."""
+    stopped = run_ok(*args, *fault_args, **kw)
+    assert "resume=auto" in stopped.stdout + stopped.stderr, stopped.stdout[-3000:]
+    if between is not None:
+        between()
+    return stopped, run_ok(*args, *(fault_args if fault_on_resume else []), "resume=auto", **kw)
 
 
 @pytest.fixture

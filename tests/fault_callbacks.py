@@ -11,6 +11,12 @@ import torch
 from vaelab.data.batches import batch_counts, execution_plan_of, step_images
 
 
+def reaches(trainer, batch: object, step: int) -> bool:
+    """Whether this training batch runs optimiser step `step` (a batch may be an execution of several steps)."""
+    steps = batch_counts(batch, execution_plan_of(trainer))[0]
+    return trainer.global_step <= step < trainer.global_step + steps
+
+
 class SignalAt(L.Callback):
     """Send a real signal to the main process when training reaches `step`, as `kill <pid>` would (under DDP
     only rank 0 gets it; the run must still stop every rank at the same batch)."""
@@ -19,8 +25,7 @@ class SignalAt(L.Callback):
         self.step, self.signum = step, signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        steps = batch_counts(batch, execution_plan_of(trainer))[0]  # a batch may be an execution of several optimiser steps
-        if trainer.global_step <= self.step < trainer.global_step + steps and trainer.is_global_zero:
+        if reaches(trainer, batch, self.step) and trainer.is_global_zero:
             os.kill(os.getpid(), self.signum)
 
 
@@ -31,10 +36,20 @@ class PoisonBatch(L.Callback):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        steps = batch_counts(batch, execution_plan_of(trainer))[0]
-        if trainer.global_step <= self.step < trainer.global_step + steps:
+        if reaches(trainer, batch, self.step):
             images = step_images(batch, self.step - trainer.global_step, execution_plan_of(trainer))  # a view
             images[0, 0, 0, 0] = torch.nan
+
+
+class BugAt(L.Callback):
+    """Raise a plain RuntimeError (not one of vaelab's sentences: a bug) when training reaches `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if reaches(trainer, batch, self.step):
+            raise RuntimeError(f"a bug at step {self.step}")
 
 
 class FreezeAt(L.Callback):
@@ -44,8 +59,7 @@ class FreezeAt(L.Callback):
         self.step, self.rank = step, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        steps = batch_counts(batch, execution_plan_of(trainer))[0]
-        if trainer.global_rank == self.rank and trainer.global_step <= self.step < trainer.global_step + steps:
+        if trainer.global_rank == self.rank and reaches(trainer, batch, self.step):
             os.kill(os.getpid(), signal.SIGSTOP)
 
 
@@ -123,7 +137,7 @@ class FreezeWandbAtTestEnd(L.Callback):
     """Freeze (SIGSTOP) this process's wandb-core service when the test phase ends: a hung W&B at exit."""
 
     def on_test_end(self, trainer, pl_module) -> None:
-        from vaelab.training.loggers import wandb_service_pids
+        from vaelab.training.wandb_runs import wandb_service_pids
 
         for pid in wandb_service_pids():
             os.kill(pid, signal.SIGSTOP)
@@ -140,8 +154,7 @@ class SignalLauncherAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        steps = batch_counts(batch, execution_plan_of(trainer))[0]
-        if HydraConfig.get().job.num == self.job and trainer.global_step <= self.step < trainer.global_step + steps:
+        if HydraConfig.get().job.num == self.job and reaches(trainer, batch, self.step):
             os.kill(os.getpid(), self.signum)
 
 
@@ -166,7 +179,7 @@ class StopAt(L.Callback):
     def _send(self, kind: str, at: int | None = None) -> None:
         if not self.sent and kind == self.kind and at == self.at:
             self.sent = True
-            from vaelab.training.stack_group import current_member
+            from vaelab.training.stack_turns import current_member
 
             member = current_member()
             if member is not None:
@@ -175,8 +188,7 @@ class StopAt(L.Callback):
                 os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        steps = batch_counts(batch, execution_plan_of(trainer))[0]
-        if self.kind == "step" and trainer.global_step <= self.at < trainer.global_step + steps:
+        if self.kind == "step" and reaches(trainer, batch, self.at):
             self._send("step", self.at)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:

@@ -67,7 +67,7 @@ def test_a_vaelab_train_checkpoint_loads_both_ways_and_names_only_vaelab_parts(t
     for k, v in module.state_dict().items():
         if k.startswith("model."):
             assert torch.equal(v, saved[k]) and torch.equal(v, vae.state_dict()[k[len("model."):]])
-    assert module.hparams.importance_samples == 32
+    assert module.recipe.importance_samples == 32 and module.recipe.config["seed"] == 1234  # the run's own recipe
     # a spec naming something other than a vaelab part is refused, never called
     old = torch.load(ckpt, weights_only=True)
     del old["vaelab_config"]

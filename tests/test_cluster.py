@@ -9,15 +9,14 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY, app_env, run_app
+from conftest import ROOT, TINY, app_env, fault, run_app
 
 SMALL = [*TINY, "data.subset=1000", "trainer.max_epochs=3", "logger=csv", "eval.importance_samples=8",
          "callbacks.image_grids.every_n_epochs=10"]  # 20 steps an epoch
 
 
 def _kill_at(step: int, signum: int) -> list[str]:
-    return ["+callbacks.kill._target_=fault_callbacks.SignalAt", f"+callbacks.kill.step={step}",
-            f"+callbacks.kill.signum={int(signum)}"]
+    return fault("SignalAt", step=step, signum=signum)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])

@@ -252,8 +252,8 @@ def test_the_curves_legend_fits_its_figure():
 
     import matplotlib.pyplot as plt
 
-    from vaelab.cli.report import Run
-    from vaelab.cli.report_page import curves_figure
+    from vaelab.reporting.figures import curves_figure
+    from vaelab.reporting.runs import Run
 
     runs = []
     for i, label in enumerate(f"{m}+{p} (bernoulli)" for m in ("vanilla", "deep") for p in ("standard", "vamp")):

@@ -71,7 +71,10 @@ def test_optimiser_and_schedule_from_the_command_line(train_in_process):
     expected = [lr0 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
     assert lrs == pytest.approx(expected, rel=1e-5) and res["status"] == "finished"
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["hyper_parameters"]["optimizer"]["_target_"] == "torch.optim.adamw.AdamW" and saved["lr_schedulers"]
+    recipe = saved["hyper_parameters"]["recipe"]  # the run's TrainingRecipe, as plain data
+    assert recipe["optimizer"]["_target_"] == "torch.optim.adamw.AdamW" and saved["lr_schedulers"]
+    assert recipe["scheduler"]["_target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR" and recipe["scheduler"]["T_max"] == 3
+    assert recipe["gradient_clip_val"] == 1.0
     assert saved["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's, from optim/adamw
 
 
@@ -84,7 +87,7 @@ def test_any_optimiser_instantiates_from_its_target_and_loads_back(train_in_proc
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     group = saved["optimizer_states"][0]["param_groups"][0]
     assert group["momentum"] == 0.9 and group["lr"] == 0.01 and "dampening" in group  # SGD's own state
-    assert saved["hyper_parameters"]["loss"] == {"beta": 1.0, "warmup_epochs": 1, "free_bits": 0.5}
+    assert saved["hyper_parameters"]["recipe"]["loss"] == {"beta": 1.0, "warmup_epochs": 1, "free_bits": 0.5}
     module = VAEModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # still weights-only
     assert isinstance(module.configure_optimizers(), torch.optim.SGD) and module.loss.free_bits == 0.5
     assert res["status"] == "finished"

@@ -11,7 +11,7 @@ import socket
 import time
 
 import pytest
-from conftest import TINY, run_app
+from conftest import TINY, fault, run_app, stopped_then_resumed
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +108,19 @@ def test_vaelab_sample_checks_its_counts(finished_run, tmp_path, override, expec
 def test_a_malformed_overrides_file_elsewhere_does_not_stop_resume(tmp_path, fashion_mnist):
     logs = tmp_path / "outputs"
     args = [*TINY, "logger=csv", f"paths.log_dir={logs}"]
-    stop = run_app(*args, "+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=10",
-                   f"+callbacks.kill.signum={int(signal.SIGTERM)}")
-    assert stop.returncode == 0, stop.stderr[-3000:]
-    (run_dir,) = (logs / "train").iterdir()
     other = logs / "train" / "0000-broken"
-    (other / ".hydra").mkdir(parents=True)
-    (other / ".hydra" / "overrides.yaml").write_text("- [unclosed\n  : :\n")
-    (other / "checkpoints").mkdir()
-    (other / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
-    resumed = run_app(*args, "+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=10",
-                      f"+callbacks.kill.signum={int(signal.SIGTERM)}", "resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    found = []
+
+    def break_another():  # another run directory beside the stopped one, with unreadable files
+        found.extend((logs / "train").iterdir())
+        (other / ".hydra").mkdir(parents=True)
+        (other / ".hydra" / "overrides.yaml").write_text("- [unclosed\n  : :\n")
+        (other / "checkpoints").mkdir()
+        (other / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+
+    _, resumed = stopped_then_resumed(*args, fault_args=fault("SignalAt", step=10, signum=signal.SIGTERM),
+                                      between=break_another)
+    (run_dir,) = found
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
     warned = [ln for ln in resumed.stderr.splitlines() if "skipped" in ln]
     assert warned and str(other / ".hydra" / "overrides.yaml") in warned[0] and "Traceback" not in resumed.stderr
@@ -152,7 +153,7 @@ def test_a_refused_start_says_it_once_and_leaves_no_run_directory(tmp_path, fash
 def test_a_hung_wandb_at_the_end_is_one_line_not_a_hang(tmp_path, fashion_mnist):
     t0 = time.perf_counter()
     proc = run_app(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}", "logger.wandb.finish_timeout=3",
-                   "+callbacks.freeze._target_=fault_callbacks.FreezeWandbAtTestEnd", timeout=240)
+                   *fault("FreezeWandbAtTestEnd"), timeout=240)
     assert proc.returncode == 0 and "froze wandb-core" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     said = [ln for ln in proc.stdout.splitlines() if "W&B did not finish within 3 s" in ln]
     assert len(said) == 1 and "wandb sync" in said[0] and time.perf_counter() - t0 < 120

@@ -1,5 +1,7 @@
 """The CPU fast paths are the same maths: fused Adam against torch's default Adam, and the module's wiring."""
 
+from functools import partial
+
 import torch
 
 from vaelab.models.likelihoods import Bernoulli
@@ -7,6 +9,7 @@ from vaelab.models.priors import StandardNormal
 from vaelab.models.vae import VAE
 from vaelab.training.module import VAEModule
 from vaelab.training.optim import adam
+from vaelab.training.recipe import TrainingRecipe
 
 
 def _model(seed: int) -> VAE:
@@ -33,4 +36,5 @@ def test_fused_adam_takes_the_same_steps_as_default_adam():
 
 def test_the_module_builds_fused_adam_only_when_asked():
     assert VAEModule(_model(0)).configure_optimizers().defaults["fused"] is True
-    assert not VAEModule(_model(0), fused=False).configure_optimizers().defaults["fused"]
+    unfused = TrainingRecipe(optimizer=partial(torch.optim.Adam, lr=5e-4, fused=False))
+    assert not VAEModule(_model(0), unfused).configure_optimizers().defaults["fused"]

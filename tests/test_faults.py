@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, run_app
+from conftest import TINY, fault, run_app
 
 from vaelab.training.checkpoints import load_checkpoint
 
 
 @pytest.mark.parametrize("every", ["null", "5"])  # checked every step, or (as on a GPU) every 5 steps
 def test_a_nan_loss_stops_with_one_sentence_and_leaves_the_last_good_checkpoint(train_run, every):
-    run_dir, _, proc = train_run("+callbacks.poison._target_=fault_callbacks.PoisonBatch", "+callbacks.poison.step=12",
+    run_dir, _, proc = train_run(*fault("PoisonBatch", step=12),
                                  "trainer.max_epochs=3", f"eval.check_finite_every_n_steps={every}", expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]

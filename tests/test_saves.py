@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, app_env, run_app
+from conftest import ROOT, TINY, app_env, fault, run_app, run_ok, stopped_then_resumed
 
 from vaelab.training.checkpoints import checkpoint_step, load_checkpoint
 
@@ -53,17 +53,18 @@ def epoch_rows(run_dir: Path) -> list[dict]:
 def test_a_run_stopped_mid_epoch_with_warmup_ends_where_the_whole_run_ends(tmp_path, tmp_path_factory,
                                                                            fashion_mnist, signum, step, steps, logger):
     logs = tmp_path / "outputs"
-    kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", f"+callbacks.kill.step={step}",
-            f"+callbacks.kill.signum={int(signum)}", f"trainer.steps_per_execution={steps}", f"logger={logger}",
-            f"paths.log_dir={logs}"]
-    stopped = run_app(*WARM, *kill)
-    assert stopped.returncode == 0 and "resume=auto" in stopped.stdout, stopped.stderr[-3000:]
-    (run_dir,) = (logs / "train").iterdir()
-    preempted = json.loads((run_dir / "results.json").read_text())
+    seen = {}
+
+    def look():  # the stopped run, before the same command with resume=auto finds its run directory
+        (seen["dir"],) = (logs / "train").iterdir()
+        seen["preempted"] = json.loads((seen["dir"] / "results.json").read_text())
+
+    _, resumed = stopped_then_resumed(*WARM, f"trainer.steps_per_execution={steps}", f"logger={logger}",
+                                      f"paths.log_dir={logs}", between=look,
+                                      fault_args=fault("SignalAt", step=step, signum=signum))
+    run_dir, preempted = seen["dir"], seen["preempted"]
     assert preempted["status"] == "preempted" and preempted["signal"] == signal.Signals(signum).name
     assert preempted["global_step"] == (step // steps + 1) * steps  # the end of the execution holding the step
-    resumed = run_app(*WARM, *kill, "resume=auto")  # the same command: it finds the run directory
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [p.name for p in (logs / "train").iterdir()] == [run_dir.name]
     res = json.loads((run_dir / "results.json").read_text())
     assert res["preemptions"] == 1
@@ -84,15 +85,17 @@ def test_a_run_stopped_mid_epoch_with_warmup_ends_where_the_whole_run_ends(tmp_p
 def test_a_signal_in_the_test_phase_is_a_preemption_and_resume_tests_without_training(tmp_path, fashion_mnist):
     run_dir = tmp_path / "run"
     args = [*TINY, "logger=csv", f"hydra.run.dir={run_dir}"]
-    stop = run_app(*args, "+callbacks.kill._target_=fault_callbacks.SignalAtTest", "+callbacks.kill.batch=0",
-                   f"+callbacks.kill.signum={int(signal.SIGTERM)}")
-    assert stop.returncode == 0, stop.stderr[-3000:]
+    seen = {}
+
+    def look():
+        seen.update(stopped=json.loads((run_dir / "results.json").read_text()),
+                    trained=json.loads((run_dir / "run_state.json").read_text())["train_time_s"])
+
+    stop, resumed = stopped_then_resumed(*args, fault_args=fault("SignalAtTest", batch=0, signum=signal.SIGTERM),
+                                         between=look, fault_on_resume=False)  # the resume tests again
     assert "stopped by SIGTERM during the test phase" in stop.stdout
-    stopped = json.loads((run_dir / "results.json").read_text())
+    stopped, trained = seen["stopped"], seen["trained"]
     assert stopped["status"] == "preempted" and stopped["phase"] == "test"
-    trained = json.loads((run_dir / "run_state.json").read_text())["train_time_s"]
-    resumed = run_app(*args, "resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "finished" and "test/nll" in res["metrics"] and res["preemptions"] == 1
     assert res["global_step"] == stopped["global_step"] and res["train_time_s"] >= trained > 0
@@ -102,14 +105,12 @@ def test_a_signal_in_the_test_phase_is_a_preemption_and_resume_tests_without_tra
 def test_a_truncated_last_checkpoint_resumes_from_the_older_whole_one(tmp_path, fashion_mnist):
     run_dir = tmp_path / "run"
     args = [*WARM, "logger=csv", "trainer.max_epochs=2", "data.subset=1000", f"hydra.run.dir={run_dir}"]
-    whole = run_app(*args[:-1], f"hydra.run.dir={tmp_path / 'whole'}")
-    stop = run_app(*args, "+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=25",
-                   f"+callbacks.kill.signum={int(signal.SIGTERM)}")
-    assert whole.returncode == 0 and stop.returncode == 0, stop.stderr[-3000:]
+    run_ok(*args[:-1], f"hydra.run.dir={tmp_path / 'whole'}")
     last = run_dir / "checkpoints" / "last.ckpt"
-    last.write_bytes(last.read_bytes()[:100_000])  # cut short, as a kill during a copy leaves it
-    resumed = run_app(*args, "resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # cut short, as a kill during a copy leaves it
+    _, resumed = stopped_then_resumed(*args, fault_args=fault("SignalAt", step=25, signum=signal.SIGTERM),
+                                      between=lambda: last.write_bytes(last.read_bytes()[:100_000]),
+                                      fault_on_resume=False)  # it resumes from before step 25
     assert "last.ckpt in" in resumed.stdout and "resuming from epoch_000.ckpt" in resumed.stdout
     nll = json.loads((run_dir / "results.json").read_text())["metrics"]["test/nll"]
     assert nll == pytest.approx(json.loads((tmp_path / "whole" / "results.json").read_text())["metrics"]["test/nll"],
@@ -126,7 +127,7 @@ def test_sigkill_inside_saves_on_another_filesystem_never_strands_the_run(tmp_pa
     tmpdir.mkdir(exist_ok=True)
     run_dir = tmp_path / "run"
     args = [*TINY, "logger=csv", "trainer.max_epochs=6", "data.subset=600", "eval.importance_samples=8",
-            "callbacks.image_grids.every_n_epochs=10", "+callbacks.slow._target_=fault_callbacks.SlowSave",
+            "callbacks.image_grids.every_n_epochs=10", *fault("SlowSave"),
             f"hydra.run.dir={run_dir}", "extras.print_config=false"]
     env = dict(app_env(), TMPDIR=str(tmpdir))
     rng = random.Random(0)
@@ -176,8 +177,7 @@ def small_fs(tmp_path):
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_every_checkpoint_left_loads(small_fs, fashion_mnist):
     run_dir = small_fs / "run"
     proc = run_app(*TINY, "logger=csv", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}",
-                   "+callbacks.fill._target_=fault_callbacks.FillDiskAt", f"+callbacks.fill.path={small_fs}",
-                   "+callbacks.fill.epoch=1")
+                   *fault("FillDiskAt", path=small_fs, epoch=1))
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out and "Logging error" not in out, out[-3000:]
@@ -231,9 +231,8 @@ def test_a_full_disk_in_a_sweep_ends_it_non_zero_and_keeps_every_row_logged(laun
     try:
         proc = run_app("-m", *TINY, "logger=csv", "trainer.max_epochs=3", "seed=1,2", f"hydra.sweep.dir={sweep_dir}",
                        *(["hydra/launcher=stacked", "hydra.launcher.stack=true"] if stacked else []),
-                       "+callbacks.fill._target_=fault_callbacks.FillDiskAt",
-                       "+callbacks.fill.path=" + ("${paths.output_dir}" if stacked else str(small_fs)),
-                       "+callbacks.fill.epoch=1", "extras.print_config=false")
+                       *fault("FillDiskAt", path="${paths.output_dir}" if stacked else small_fs, epoch=1),
+                       "extras.print_config=false")
         assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
         errors = sorted(ln for ln in proc.stderr.splitlines() if ln.strip())
@@ -262,8 +261,7 @@ def test_members_sharing_a_disk_that_fills_each_say_so_in_one_line(small_fs, fas
     sweep_dir = small_fs / "sweep"
     proc = run_app("-m", *TINY, "logger=csv", "trainer.max_epochs=3", "seed=1,2", f"hydra.sweep.dir={sweep_dir}",
                    "hydra/launcher=stacked", "hydra.launcher.stack=true", "extras.print_config=false",
-                   "+callbacks.fill._target_=fault_callbacks.FillDiskAt", f"+callbacks.fill.path={small_fs}",
-                   "+callbacks.fill.epoch=1")
+                   *fault("FillDiskAt", path=small_fs, epoch=1))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     errors = sorted(ln for ln in proc.stderr.splitlines() if ln.strip())
@@ -308,7 +306,7 @@ def test_a_full_disk_met_by_any_other_write_is_one_line(tmp_path, fashion_mnist)
     out = tmp_path / "run"
     with pytest.raises(SaveError) as info:
         train(compose(*TINY, "logger=csv", "extras.print_config=false", f"paths.output_dir={out}",
-                      "+callbacks.full._target_=fault_callbacks.NoSpaceAt", f"+callbacks.full.path={out}/metrics.csv"))
+                      *fault("NoSpaceAt", path=f"{out}/metrics.csv")))
     message = str(info.value)
     assert message.startswith(f"no space left on {mount_point(out)} while saving {out}/metrics.csv; the checkpoints already there "
                               "are whole (last.ckpt at step 8, epoch_000.ckpt at step 8)"), message

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 import wandb_files
-from conftest import TINY, run_app
+from conftest import TINY, fault, run_app
 
 from vaelab.training.checkpoints import load_checkpoint
 
@@ -35,8 +35,7 @@ def test_ddp_on_two_processes_shards_data_and_matches_one_process_on_the_same_we
 
 def test_ddp_run_survives_preemption(tmp_path, fashion_mnist):
     logs = tmp_path / "outputs"
-    kill = ["+callbacks.kill._target_=fault_callbacks.SignalAt", "+callbacks.kill.step=5",
-            f"+callbacks.kill.signum={int(signal.SIGTERM)}",
+    kill = [*fault("SignalAt", step=5, signum=signal.SIGTERM),
             "callbacks.preemption.check_every_n_steps=2",  # ranks agree every 2 steps (default 10)
             "trainer.steps_per_execution=1"]  # (with more, a run stops at the end of an execution)
     first = run_app(*DDP, *kill, f"paths.log_dir={logs}")
@@ -119,8 +118,8 @@ def test_a_frozen_ddp_process_ends_the_run_with_one_line_after_the_timeout(tmp_p
 
     run_dir = tmp_path / "frozen"
     start = time.monotonic()
-    proc = run_app(*DDP, "trainer.max_epochs=3", "+callbacks.freeze._target_=fault_callbacks.FreezeAt",
-                   "+callbacks.freeze.step=5", "trainer.strategy.timeout.seconds=10", f"hydra.run.dir={run_dir}",
+    proc = run_app(*DDP, "trainer.max_epochs=3", *fault("FreezeAt", step=5), "trainer.strategy.timeout.seconds=10",
+                   f"hydra.run.dir={run_dir}",
                    timeout=300)
     elapsed = time.monotonic() - start
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -129,6 +128,16 @@ def test_a_frozen_ddp_process_ends_the_run_with_one_line_after_the_timeout(tmp_p
     assert elapsed < 120  # the timeout, not forever
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # saved after epoch 1, intact
     assert ckpt["global_step"] == 4
+
+
+def test_a_bug_in_the_first_ddp_process_leaves_no_process_behind(tmp_path, fashion_mnist):
+    """Rank 1 freezes at step 5 and rank 0 meets a bug there (not a collective's timeout, which is 600 s here): rank
+    0's traceback ends the run, and the frozen process it started is stopped with it (left behind, it would hold
+    the output open and the run would never be seen to end)."""
+    proc = run_app(*DDP, "trainer.max_epochs=3", *fault("FreezeAt", step=5), *fault("BugAt", name="bug", step=5),
+                   f"hydra.run.dir={tmp_path / 'bug'}", timeout=200)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "RuntimeError: a bug at step 5" in proc.stderr.splitlines()
 
 
 def test_the_shipped_wandb_sweep_trains_through_vaelab_train(tmp_path, fashion_mnist):

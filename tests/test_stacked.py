@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import wandb_files
-from conftest import TINY, compose, run_app
+from conftest import TINY, compose, fault, run_app
 
-from vaelab.cli.sweeps import group_jobs, split
+from hydra_plugins.vaelab_stacked_launcher._core import built_key, job_facts
+from vaelab.training.stack_plan import group_jobs, split
 
 SWEEP = ["seed=1,2", "loss.beta=1,0.5"]  # four members: two seeds x two KL weights
 COMMON = [*TINY, "extras.print_config=false"]
@@ -54,8 +55,7 @@ def assert_same_runs(got: dict, want: dict) -> None:
 
 def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashion_mnist):
     solo, _ = sweep(tmp_path, *SWEEP, name="solo")  # Hydra's basic launcher: one job after another
-    stacked, proc = sweep(tmp_path, *STACKED, *SWEEP, "+callbacks.where._target_=fault_callbacks.RecordProcess",
-                          name="stacked")
+    stacked, proc = sweep(tmp_path, *STACKED, *SWEEP, *fault("RecordProcess"), name="stacked")
     assert "4 jobs as one stacked model on cpu" in proc.stdout + proc.stderr
     want = members(solo)
     assert len(want) == 4
@@ -123,20 +123,20 @@ def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashio
 
     # a stop signal to the launcher reaches every member (two here: seeds 1 and 2 at beta 0.5), each saves inside an
     # epoch (2 steps per execution; the solo runs took 8, which trains the same runs); resume=auto continues them
-    stop = ["seed=1,2", "loss.beta=0.5", "trainer.steps_per_execution=2",
-            "+callbacks.stop._target_=fault_callbacks.SignalLauncherAt"]
-    stopped, proc = sweep(tmp_path, *STACKED, *stop, "+callbacks.stop.step=5", name="stopped")
+    stop = ["seed=1,2", "loss.beta=0.5", "trainer.steps_per_execution=2"]
+    stopped, proc = sweep(tmp_path, *STACKED, *stop, *fault("SignalLauncherAt", step=5), name="stopped")
     said = proc.stdout + proc.stderr
     assert "stopped by SIGTERM" in said and "resume=auto" in said
     states = [json.loads(p.read_text()) for p in stopped.glob("*/results.json")]
     assert [r["status"] for r in states] == ["preempted"] * 2
     assert all(0 < r["global_step"] < 16 for r in states), states
-    resumed, _ = sweep(tmp_path, *STACKED, *stop, "+callbacks.stop.step=100000", "resume=auto", name="stopped")
+    resumed, _ = sweep(tmp_path, *STACKED, *stop, *fault("SignalLauncherAt", step=100000), "resume=auto",
+                       name="stopped")
     assert_same_runs(members(resumed), {k: v for k, v in want.items() if k[1] == 0.5})
 
 
 def test_a_diverging_member_is_recorded_and_the_others_go_on(tmp_path, fashion_mnist):
-    poison = ["+callbacks.poison._target_=fault_callbacks.PoisonBatch", "+callbacks.poison.step=3,100000"]
+    poison = fault("PoisonBatch", step="3,100000")  # a sweep over the step: member 0 diverges, member 1 never
     stacked, _ = sweep(tmp_path, *STACKED, "trainer.max_epochs=1", *poison)
     results = [json.loads(p.read_text()) for p in sorted(stacked.glob("*/results.json"))]
     assert [r["status"] for r in results] == ["failed", "finished"]
@@ -144,15 +144,30 @@ def test_a_diverging_member_is_recorded_and_the_others_go_on(tmp_path, fashion_m
     assert math.isfinite(results[1]["metrics"]["test/nll"])
 
 
+def test_a_member_with_a_bug_shows_its_traceback_and_the_others_finish(tmp_path, fashion_mnist):
+    """A plain exception in a member (a bug, not one of vaelab's sentences) is caught by Hydra's run_job; the launcher
+    reads it from the job's return (pins _core.job_error): its traceback and one line name it, the sweep exits 1."""
+    proc = run_app("-m", *COMMON, *STACKED, "trainer.max_epochs=1", *fault("BugAt", step="3,100000"),
+                   f"hydra.sweep.dir={tmp_path}", timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    lines = proc.stderr.splitlines()
+    assert "Traceback (most recent call last):" in lines
+    assert "RuntimeError: a bug at step 3" in lines
+    said = [line for line in proc.stdout.splitlines() if "stacked launcher: member 0" in line]  # Hydra's log
+    assert len(said) == 1 and "(a bug at step 3)" in said[0] and "ended with an error" in said[0], said
+    results = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")}
+    assert results["1"]["status"] == "finished" and math.isfinite(results["1"]["metrics"]["test/nll"])
+
+
 def test_jobs_group_by_the_keys_that_fix_shapes_and_code():
     configs = [compose(f"seed={s}", f"loss.beta={b}", f"optim.lr={lr}") for s, b, lr in
                [(1, 1.0, 5e-4), (2, 0.5, 1e-3), (3, 1.0, 5e-4)]]
-    groups, notes = group_jobs(configs)
+    groups, notes = group_jobs([job_facts(c) for c in configs])  # the plan reads plain facts, not Hydra's configs
     assert [g.jobs for g in groups] == [[0, 1, 2]] and notes == []
 
     configs += [compose("model.latent_dim=20"), compose("optim._target_=torch.optim.SGD", "~optim.fused"),
                 compose("model=deep", "prior=vamp")]
-    groups, notes = group_jobs(configs)
+    groups, notes = group_jobs([job_facts(c) for c in configs])
     assert [g.jobs for g in groups] == [[0, 1, 2], [3], [4], [5]]
     assert groups[2].alone and "SGD" in groups[2].alone
     said = "\n".join(notes)
@@ -312,13 +327,13 @@ def test_a_stacked_sweep_in_its_default_directories_resumes_in_them(tmp_path, fa
     followed by the same command with resume=auto continues the same member runs, in that one directory."""
     logs = tmp_path / "logs"
     stop = [*STACKED, "seed=1,2", "trainer.max_epochs=1", "test=false", "logger=csv", f"paths.log_dir={logs}",
-            "trainer.steps_per_execution=2", "+callbacks.stop._target_=fault_callbacks.SignalLauncherAt"]
-    first = run_app("-m", *COMMON, *stop, "+callbacks.stop.step=3", timeout=900)
+            "trainer.steps_per_execution=2"]
+    first = run_app("-m", *COMMON, *stop, *fault("SignalLauncherAt", step=3), timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     (sweep_dir,) = (logs / "multirun").iterdir()  # one directory for the sweep, members included
     states = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
     assert [r["status"] for r in states] == ["preempted"] * 2, states
-    resumed = run_app("-m", *COMMON, *stop, "+callbacks.stop.step=3", "resume=auto", timeout=900)
+    resumed = run_app("-m", *COMMON, *stop, *fault("SignalLauncherAt", step=3), "resume=auto", timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert [p.name for p in (logs / "multirun").iterdir()] == [sweep_dir.name]
     done = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
@@ -342,18 +357,16 @@ def two_shapes(tmp_path, fashion_mnist):
 def test_jobs_whose_built_models_differ_never_share_a_stack(tmp_path, two_shapes):
     """Grouping reads what each job builds (the data's image shape and the model's spec), not only config keys:
     two .npz files of 28x28 and 32x32 images are two stacks, said in one line, and the sweep finishes."""
-    from vaelab.cli.sweeps import built_key
-
     configs = [compose("data=arrays", f"data.path={p}") for p in two_shapes]
     built = [built_key(c) for c in configs]
     assert [b[0]["image_shape"] for b in built] == [[1, 28, 28], [1, 32, 32]] and [b[1] for b in built] == [None] * 2
-    groups, notes = group_jobs(configs, built)
+    groups, notes = group_jobs([job_facts(c) for c in configs], built)
     assert [g.jobs for g in groups] == [[0], [1]]
     assert notes == ["stacked launcher: the data's image shape differs between jobs (1x28x28, 1x32x32): one stack "
                      "for each value"]
     # a job that cannot be built here (a missing file) runs alone, where its own run says what is wrong
     configs.append(compose("data=arrays", f"data.path={tmp_path / 'missing.npz'}"))
-    groups, notes = group_jobs(configs, [*built, built_key(configs[-1])])
+    groups, notes = group_jobs([job_facts(c) for c in configs], [*built, built_key(configs[-1])])
     assert groups[-1].jobs == [2] and "missing.npz is not a file" in groups[-1].alone
 
     proc = run_app("-m", *COMMON, *STACKED, "data=arrays", f"data.path={two_shapes[0]},{two_shapes[1]}",
@@ -368,7 +381,8 @@ def test_jobs_whose_built_models_differ_never_share_a_stack(tmp_path, two_shapes
 def test_a_member_that_built_another_model_is_refused_in_one_sentence():
     """The group's own check, behind the grouping: a member whose model, image shape, batch or optimiser differs
     from its stack's is refused, naming both members and what differs, and never joins (no hang)."""
-    from vaelab.training.stack_group import StackError, StackGroup
+    from vaelab.training.stack_group import StackGroup
+    from vaelab.training.stack_turns import StackError
 
     def built(shape, batch=50):
         spec = {"_target_": "vaelab.models.vae.VAE", "image_shape": shape}
@@ -390,8 +404,8 @@ def test_a_killed_sweep_resumes_its_members(tmp_path, fashion_mnist):
     """SIGKILL to the stacked sweep's one process mid-training: nothing is left running (no member processes) and
     nothing is printed after the kill; each member's checkpoints stay whole, and resume=auto finishes them."""
     proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}", "+callbacks.stop._target_=fault_callbacks.SignalLauncherAt",
-                   "+callbacks.stop.step=10", f"+callbacks.stop.signum={int(signal.SIGKILL)}", timeout=300)
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", *fault("SignalLauncherAt", step=10, signum=signal.SIGKILL),
+                   timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     resumed = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv", "resume=auto",
@@ -406,8 +420,7 @@ def test_a_member_that_holds_up_its_stack_is_named_and_stopped(tmp_path, fashion
     named in one line and stopped as SIGTERM would stop it: it saves and stops (preempted), and the other finishes."""
     proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=1", "test=false", "logger=csv",
                    "trainer.steps_per_execution=1", "hydra.launcher.member_timeout=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                   "+callbacks.stall._target_=fault_callbacks.StallAt", "+callbacks.stall.step=3",
-                   "+callbacks.stall.seconds=120", timeout=300)
+                   *fault("StallAt", step=3, seconds=120), timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "neither asked for a step" in ln]
     assert len(said) == 1 and f"member 1 ({tmp_path / 'sweep' / '1'})" in said[0] and "SIGTERM" in said[0], said
@@ -459,7 +472,8 @@ def test_a_stacked_evaluation_is_each_members_own():
     from vaelab.evaluation.metrics import EvalMetrics
     from vaelab.models.hvae import HierarchicalVAE
     from vaelab.models.priors import VampPrior
-    from vaelab.training.stack_group import EvalRequest, StackGroup
+    from vaelab.training.stack_group import StackGroup
+    from vaelab.training.stack_turns import EvalRequest
 
     models = []
     for i in range(3):
@@ -497,8 +511,8 @@ def test_a_stacked_evaluation_is_each_members_own():
 def test_every_gpu_of_a_node_gets_a_process_of_its_own():
     """With G visible GPUs a sweep's stacks spread over G processes, each given its one GPU (CUDA_VISIBLE_DEVICES)
     and cores // G threads, the largest stacks first to the least loaded; on a CPU or one GPU, one process."""
-    from vaelab.cli.node import Unit, plan, process_count
     from vaelab.errors import ConfigError
+    from vaelab.training.stack_plan import Unit, plan, process_count
 
     units = [Unit([0, 1, 2], True, "cuda"), Unit([3, 4], True, "cuda"), Unit([5], False, "cuda"),
              Unit([6, 7, 8, 9], True, "cuda")]
@@ -519,7 +533,7 @@ def test_stacks_spread_over_processes_each_with_its_share(tmp_path, fashion_mnis
     processes at once, each a stack of two member threads with one of the two cores, and finish as runs."""
     proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "data.batch_size=50,40", "trainer.max_epochs=1", "test=false",
                    "logger=csv", "hydra.launcher.processes=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                   "+callbacks.where._target_=fault_callbacks.RecordProcess", timeout=600)
+                   *fault("RecordProcess"), timeout=600)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     import yaml
 
@@ -534,3 +548,18 @@ def test_stacks_spread_over_processes_each_with_its_share(tmp_path, fashion_mnis
     assert all(len(p) == 1 for p in pids.values()) and pids[50] != pids[40], where  # a process per stack
     assert all(w["threads"] == 1 and w["thread"].startswith("vaelab-member-") for w in where.values()), where
     assert (proc.stdout + proc.stderr).count("with 1 threads") == 2
+
+
+def test_scheduled_members_follow_their_own_schedules_without_a_warning(tmp_path, fashion_mnist):
+    """Each member's schedule steps its own rate, which the stacked step reads; the stack's optimiser step counts as
+    the member's for torch's schedulers (stack_member.py sets what only an optimiser's own step sets), so no
+    "lr_scheduler.step() before optimizer.step()" warning shows."""
+    stacked, proc = sweep(tmp_path, *STACKED, "scheduler=exponential", "scheduler.gamma=0.5,0.25", "logger=csv",
+                          "test=false")
+    assert "2 jobs as one stacked model on cpu" in proc.stdout + proc.stderr
+    assert "lr_scheduler.step()" not in proc.stdout + proc.stderr
+    rates = []
+    for job in ("0", "1"):
+        with open(stacked / job / "metrics.csv") as f:
+            rates.append([float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")])
+    assert rates[0] == pytest.approx([5e-4, 2.5e-4]) and rates[1] == pytest.approx([5e-4, 1.25e-4])

@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import compose, fault
 
 TINY_RUN = ["data.subset=200", "data.batch_size=50", "data.eval_batch_size=100", "trainer.max_epochs=3",
             "trainer.steps_per_execution=1", "callbacks.preemption.check_every_n_steps=1", "eval.importance_samples=8",
@@ -54,8 +54,7 @@ def test_a_stop_anywhere_resumes_to_the_uninterrupted_run(where, tmp_path, tmp_p
     monkeypatch.setenv("WANDB_MODE", "offline")
     signum = SIGNALS[STOPS.index(where) % len(SIGNALS)]
     out = tmp_path / "run"
-    stopped = train_tiny(out, fashion_mnist, "+callbacks.stop._target_=fault_callbacks.StopAt",
-                         f"+callbacks.stop.where={where}", f"+callbacks.stop.signum={int(signum)}")
+    stopped = train_tiny(out, fashion_mnist, *fault("StopAt", where=where, signum=signum))
     assert stopped["status"] == "preempted" and stopped["signal"] == signal.Signals(signum).name, stopped
     # where it was saved: inside an epoch at the end of the step; after an epoch's last step or in its validation,
     # once validation and its checkpoints are done; after the last epoch's validation, in the test phase
@@ -121,8 +120,7 @@ def test_stacked_members_stopped_anywhere_resume_to_the_uninterrupted_sweep(stop
     signum = SIGNALS[STACKED_STOPS.index(stops) % len(SIGNALS)]
     sweep_dir = tmp_path / "sweep"
     where = "[" + ",".join(f'"{s}"' for s in stops) + "]"
-    stopped = stacked_sweep(sweep_dir, "+callbacks.stop._target_=fault_callbacks.StopAt",
-                            f"+callbacks.stop.where={where}", f"+callbacks.stop.signum={int(signum)}")
+    stopped = stacked_sweep(sweep_dir, *fault("StopAt", where=where, signum=signum))
     assert [r["status"] for r, _ in stopped.values()] == ["preempted", "preempted"], stopped
     resumed = stacked_sweep(sweep_dir, "resume=auto")
     for seed, (results, got_rows) in resumed.items():

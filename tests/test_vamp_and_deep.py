@@ -10,6 +10,7 @@ from vaelab.models import VAE, Bernoulli, Gaussian, HierarchicalVAE, StandardNor
 from vaelab.models.distributions import log_normal_diag
 from vaelab.training.module import VAEModule
 from vaelab.training.objective import Loss
+from vaelab.training.recipe import TrainingRecipe
 
 SHAPE = (1, 28, 28)
 
@@ -110,11 +111,11 @@ def test_free_bits_floor_each_layers_kl_and_beta_weights_it():
     terms = model.elbo_terms(torch.rand(6, *SHAPE).round())
     kl = terms.kl_layers.mean(1)
     recon = terms.recon.mean()
-    plain = VAEModule(model, beta=1.0).loss  # the module's objective, built from its flat arguments
+    plain = VAEModule(model, TrainingRecipe(loss=Loss(beta=1.0))).loss  # the module's objective, from its recipe
     torch.testing.assert_close(plain(terms, 1.0), recon + kl.sum())
     torch.testing.assert_close(plain(terms, 0.25), recon + 0.25 * kl.sum())
     floor = float(kl.max().detach()) + 1.0
-    fb = VAEModule(model, free_bits=floor).loss
+    fb = VAEModule(model, TrainingRecipe(loss=Loss(free_bits=floor))).loss
     torch.testing.assert_close(fb(terms, 1.0), recon + 2 * torch.tensor(floor))
     assert math.isclose(float(fb(terms, 1.0).detach()), float(recon.detach()) + 2 * floor, rel_tol=1e-6)
     assert Loss(beta=2.0, warmup_epochs=4).weight(3, steps_per_epoch=2) == pytest.approx(2.0 * 3 / 2 / 4)

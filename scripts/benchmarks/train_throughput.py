@@ -150,13 +150,13 @@ class Alternate(L.Callback):
 
         Alternate.latest = self
         images = trainer.datamodule.train_set.images
-        lr, batch = pl_module.optimizer_factory.keywords["lr"], trainer.datamodule.batch_size
+        lr, batch = pl_module.recipe.optimizer.keywords["lr"], trainer.datamodule.batch_size
         same, plain = copy.deepcopy(pl_module.model), copy.deepcopy(pl_module.model)
         for m in (same, plain):  # with compile=true the app's model holds a compiled elbo_terms bound to itself
             vars(m).pop("elbo_terms", None)
         self.loops = {  # both start from the app's initial weights
             "same ops": BareLoop(same, images, batch, bernoulli_draw,
-                                 build_optimizer(pl_module.optimizer_factory, list(same.parameters()))),
+                                 build_optimizer(pl_module.recipe.optimizer, list(same.parameters()))),
             "hand-written": BareLoop(plain, images, batch, torch.bernoulli, torch.optim.Adam(plain.parameters(), lr=lr)),
         }
         if pl_module.device.type == "cuda":  # the ceiling: the whole step as one replayed CUDA graph
@@ -218,12 +218,14 @@ class FloorModule(L.LightningModule):
     """Lightning's floor: the model's -ELBO and vaelab's Adam in a LightningModule, and nothing else."""
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> None:
+        from vaelab.training import TrainingRecipe
         from vaelab.training.optim import optimizer_factory
 
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
-        self.optimizer_factory = optimizer_factory("adam", lr, weight_decay, fused)  # as VAEModule holds it
+        # a recipe of the optimiser alone, as conf/optim/adam.yaml builds it (Alternate reads recipe.optimizer)
+        self.recipe = TrainingRecipe(optimizer=optimizer_factory("adam", lr, weight_decay, fused))
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         return self.model.elbo_terms(x).loss.mean()
@@ -231,7 +233,7 @@ class FloorModule(L.LightningModule):
     def configure_optimizers(self):
         from vaelab.training.optim import build_optimizer
 
-        return build_optimizer(self.optimizer_factory, list(self.parameters()))
+        return build_optimizer(self.recipe.optimizer, list(self.parameters()))
 
 
 def measure_floor(model_overrides: list[str], blocks: int, block: int, device: str, extra: list[str]) -> dict:

@@ -2,7 +2,8 @@
 
 The library, without Hydra:
 
-    from vaelab import VAE, VampPrior, Bernoulli, VAEModule, ImageDataModule, load_model, embed, interpolate
+    from vaelab import VAE, VampPrior, Bernoulli, VAEModule, TrainingRecipe, Loss, ImageDataModule, load_model
+    from vaelab import embed, interpolate
     from vaelab import HierarchicalVAE, MixtureOfGaussians, IAFPosterior, GaussianPosterior
 
 The names load on first use, so `import vaelab` stays light."""
@@ -14,7 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "VAE": "vaelab.models", "HierarchicalVAE": "vaelab.models", "StandardNormal": "vaelab.models",
     "VampPrior": "vaelab.models", "Bernoulli": "vaelab.models", "Gaussian": "vaelab.models",
-    "VAEModule": "vaelab.training.module", "ImageDataModule": "vaelab.data", "load_model": "vaelab.training.checkpoints",
+    "VAEModule": "vaelab.training.module", "TrainingRecipe": "vaelab.training.recipe", "Loss": "vaelab.training.objective",
+    "ImageDataModule": "vaelab.data", "load_model": "vaelab.training.checkpoints",
     "EvalMetrics": "vaelab.evaluation.metrics", "evaluate": "vaelab.evaluation.metrics",
     "embed": "vaelab.evaluation.latents", "interpolate": "vaelab.evaluation.latents",
     "ElboTerms": "vaelab.models.base",

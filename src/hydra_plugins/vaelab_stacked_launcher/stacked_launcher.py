@@ -1,5 +1,6 @@
-"""Hydra's handle on vaelab's stacked launcher (Hydra takes launchers only from the hydra_plugins package); the
-launcher itself is vaelab.cli.sweeps. conf/hydra/launcher/stacked.yaml configures it."""
+"""Hydra's handle on vaelab's stacked launcher (Hydra takes launchers only from the hydra_plugins package); its work
+is _core.py (the plan itself: vaelab.training.stack_plan) and _processes.py (a process per GPU).
+conf/hydra/launcher/stacked.yaml configures it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class StackedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import sys
 
-        from vaelab.cli.sweeps import launch
+        from hydra_plugins.vaelab_stacked_launcher._core import launch
         from vaelab.errors import VaelabError
 
         try:

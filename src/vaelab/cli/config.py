@@ -20,8 +20,9 @@ from vaelab.data import SOURCES
 from vaelab.devices import MATMUL_PRECISION
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 from vaelab.training.checkpoints import load_checkpoint, model_of, model_spec
-from vaelab.training.module import VAEModule
-from vaelab.training.optim import SCHEDULER_OPTIONS
+from vaelab.training.objective import Loss
+from vaelab.training.optim import OPTIM_ARGS, SCHEDULER_OPTIONS
+from vaelab.training.recipe import RECIPE_KEYS, TrainingRecipe
 
 # the config directory inside the package: in a checkout src/vaelab/conf links to the top-level conf/ (the
 # source); a built wheel carries a copy, so an installed vaelab finds it wherever it runs
@@ -81,7 +82,7 @@ _VALIDATED: set[str] = set()  # configs validated in this process (the run guard
 
 def validate(cfg: DictConfig) -> None:
     """Every value of a vaelab-train config, before anything is built or written: the app's own keys, the
-    training module's (loss, optim, eval, trainer.steps_per_execution, cuda_graphs), and those of each object
+    training recipe's (loss, optim, eval, trainer.steps_per_execution, cuda_graphs), and those of each object
     the config instantiates (data, model, prior, likelihood, loggers, callbacks), by the rules they declare.
     A config already validated in this process (by the run guard) is not validated again."""
     plain = OmegaConf.to_container(cfg, resolve=False)
@@ -89,7 +90,8 @@ def validate(cfg: DictConfig) -> None:
     key = json.dumps(plain, sort_keys=True, default=str)
     if key in _VALIDATED:
         return
-    rules = [(arg.key, arg) for arg in [*TRAIN_ARGS, *VAEModule.ARGS.values(), *SCHEDULER_OPTIONS.values()]]
+    rules = [(arg.key, arg) for arg in [*TRAIN_ARGS, *TrainingRecipe.ARGS.values(), *Loss.ARGS.values(),
+                                        *OPTIM_ARGS.values(), *SCHEDULER_OPTIONS.values()]]
     for group in ("data", "model", "prior", "posterior", "likelihood", "loss"):
         rules += [(f"{group}.{name}", arg) for name, arg in target_args(cfg.get(group)).items()]
     for group in ("logger", "callbacks"):
@@ -128,6 +130,25 @@ def build(node: DictConfig, **kwargs):
 def spec(node: DictConfig) -> DictConfig:
     """A model-part config without its `name`, which labels runs and is no constructor argument."""
     return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"})
+
+
+def build_recipe(cfg: DictConfig, config: dict | None = None) -> TrainingRecipe:
+    """The training recipe the config describes: what loss/, optim/ and scheduler/ instantiate (the objective; the
+    optimiser and schedule as partials called with the parameters and the optimiser), eval/, cuda_graphs, and the
+    trainer keys that are the recipe's (steps_per_execution, gradient_clip_val: RECIPE_KEYS). `config`: the run's
+    whole config, kept in its checkpoints."""
+    scheduler = cfg.get("scheduler")
+    trainer = {k: cfg.trainer[k] for k in cfg.trainer if k in RECIPE_KEYS}
+    return TrainingRecipe(loss=build(cfg.loss), optimizer=build(spec(cfg.optim)),
+                          scheduler=build(spec(scheduler)) if scheduler and scheduler.get("_target_") else None,
+                          cuda_graphs=cfg.get("cuda_graphs", "auto"), config=config, **trainer,
+                          **OmegaConf.to_container(cfg.eval, resolve=True))
+
+
+def trainer_config(cfg: DictConfig) -> DictConfig:
+    """conf/trainer without the recipe's keys: the lightning.Trainer's own arguments."""
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+                             if k not in RECIPE_KEYS})
 
 
 def build_model(cfg: DictConfig, image_shape) -> torch.nn.Module:

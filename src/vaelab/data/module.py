@@ -1,6 +1,9 @@
 """ImageDataModule: a data set from the registry (sources.py), split, binarised and held in memory as tensors.
 Splits: the official training images cut into train / validation by a fixed permutation, and the official
-test set."""
+test set.
+
+Why it is long: it is one LightningDataModule, whose hooks (prepare, setup, the shared split, the loaders and the
+execution plan they cut) share its state; the loaders themselves are loader.py, the sources sources.py."""
 
 from __future__ import annotations
 

@@ -30,6 +30,12 @@ log = logging.getLogger("vaelab")
 # come close to the bare graph loop, and 10 eager steps beat one.
 AUTO_STEPS = {"cpu": 10, "cuda": 10, "cuda_graph": 10}
 
+# Steps between NaN/inf checks when the recipe names none: every step on a CPU (free there: no sync to wait for);
+# on an accelerator each check is a host-device sync, so every 50 steps (a non-finite step is still never saved:
+# the module checks before validation and every checkpoint)
+CHECK_EVERY = {"cpu": 1}
+CHECK_EVERY_ELSEWHERE = 50
+
 # Eager executions before capture: Adam's state must exist, and PyTorch's whole-network example warms up
 # on a side stream so that lazily created handles (cuBLAS workspaces) are not made inside the capture.
 GRAPH_WARMUP_EXECUTIONS = 2
@@ -72,21 +78,43 @@ class StepEngine:
     """Whole optimiser steps, eagerly, in a Python loop: the same calls, in the same order, as N Lightning steps.
 
     model: the VAE (its elbo_terms). optimizer: torch's, or Lightning's wrapper of it (DDP, fp16 scaling).
-    loss: the objective (objective.Loss); its KL weight is read at each step's number over `steps_per_epoch`.
+    loss: the objective (objective.Loss); its KL weight is read at each step's number over the epoch's steps, which
+    the engine owns (start_epoch tells it; the module, the progress line and a stacked member ask it).
     images(batch, i): step i's images of a training batch (the data module's cut of its execution plan).
     clip: called between backward and the optimiser's step (None: no clipping). backward: how to backpropagate
     (Lightning's manual_backward under DDP and fp16; Tensor.backward otherwise). check_every: steps between
-    NaN/inf checks (1: every step, stopping before a non-finite objective reaches the weights)."""
+    NaN/inf checks (1: every step, stopping before a non-finite objective reaches the weights; None: CHECK_EVERY
+    for the model's device). The non-finite rule is the engine's: raise_if_nonfinite says it in one sentence."""
 
     name = "eager"
 
     def __init__(self, model: torch.nn.Module, optimizer, loss: Loss, images: Callable[[Tensor, int], Tensor],
                  clip: Callable[[], None] | None = None, backward: Callable[[Tensor], None] | None = None,
-                 check_every: int = 1) -> None:
+                 check_every: int | None = None) -> None:
         self.model, self.optimizer, self.loss, self.images = model, optimizer, loss, images
-        self.clip, self.backward, self.check_every = clip, backward or Tensor.backward, check_every
-        self.steps_per_epoch = 1  # set by the module at every fit's and epoch's start
+        self.clip, self.backward = clip, backward or Tensor.backward
+        if check_every is None:
+            device = next(model.parameters()).device.type
+            check_every = CHECK_EVERY.get(device, CHECK_EVERY_ELSEWHERE)
+        self.check_every = check_every
+        self.steps_per_epoch = 1  # told at every fit's and epoch's start (start_epoch)
         self.nonfinite = NonFiniteTracker(len(model.latent_dims), epoch_of=lambda step: step // self.steps_per_epoch)
+
+    def start_epoch(self, steps_per_epoch: int) -> None:
+        """An epoch (or a fit resumed inside one) starts: it holds this many optimiser steps, after the limits."""
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+
+    def raise_if_nonfinite(self) -> None:
+        """One sync: a clear sentence (NonFiniteError) if any step so far had a NaN or infinite objective."""
+        self.nonfinite.raise_if_any()
+
+    def stop_at_first_nonfinite(self, stats: StepStats, step0: int) -> None:
+        """Stop now, naming the step, if one of these steps' objectives is not finite (check_every=1's rule)."""
+        bad = ~torch.isfinite(stats.objective)
+        if bad.any():
+            first = int(bad.nonzero()[0])
+            self.nonfinite.track(stats.at(first), step0 + first)
+            self.nonfinite.raise_if_any()
 
     def weight(self, step: int | Tensor) -> float | Tensor:
         """The KL weight at optimiser step `step` (a tensor inside a CUDA graph)."""
@@ -102,8 +130,7 @@ class StepEngine:
         terms = self.model.elbo_terms(x)
         objective = self.loss(terms, self.weight(step))
         if self.check_every == 1 and not math.isfinite(objective.item()):  # free on a CPU: no sync to wait for
-            self.nonfinite.track(StepStats(StepStats.row(terms, objective)[None]), step)
-            self.nonfinite.raise_if_any()
+            self.stop_at_first_nonfinite(StepStats(StepStats.row(terms, objective)[None]), step)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(objective)
         if self.clip is not None:

@@ -1,6 +1,7 @@
 """How training steps run on this trainer: whether the whole step can be one CUDA graph, how many optimiser
-steps an execution holds, and the trainer's integer limits translated from optimiser steps into executions
-(Lightning counts training batches, which are executions here)."""
+steps an execution holds, the trainer's integer limits translated from optimiser steps into executions
+(Lightning counts training batches, which are executions here), how many optimiser steps an epoch holds, and
+Lightning's counters advanced by the optimiser steps an execution ran."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def graph_obstacle(module: L.LightningModule, cuda_graphs: bool | str) -> str | 
         return "DDP: the gradient all-reduce is not captured"
     if getattr(trainer.strategy.precision_plugin, "scaler", None) is not None:
         return f"trainer.precision={trainer.precision}: its loss scaler reads the gradients on the host"
-    if getattr(module, "scheduler_factory", None) not in (None, "none"):
+    if getattr(getattr(module, "recipe", None), "scheduler", None) is not None:
         return "a learning-rate scheduler is configured: a captured step would keep the rate it was captured with"
     if "elbo_terms" in vars(module.model):
         return "compile=true: torch.compile makes its own graphs"
@@ -70,3 +71,32 @@ def count_limits_in_executions(trainer: L.Trainer, steps: int) -> None:
             raise ConfigError(f"trainer.{name}={value} counts optimiser steps and must be a multiple of "
                               f"trainer.steps_per_execution={steps}")
         setattr(trainer, name, value // steps)
+
+
+def steps_per_epoch(trainer: L.Trainer, plan: ExecutionPlan | None) -> int:
+    """Optimiser steps in a training epoch, after the trainer's limits (what the engine is told each epoch)."""
+    loader = trainer.train_dataloader
+    executions = trainer.num_training_batches  # Lightning's count: executions (after limits)
+    batches = getattr(loader, "num_batches", None)
+    if batches is None or plan is None:  # a plain loader: one step per batch
+        return max(1, executions)
+    limited = executions < len(loader)
+    return max(1, executions * plan.steps if limited else batches)
+
+
+def count_optimizer_steps(trainer: L.Trainer, uncounted: int, steps: int) -> None:
+    """Make Lightning count the `steps` optimiser steps that one training_step ran, `uncounted` of them outside its
+    optimizer.step (a replayed graph, direct steps): global_step, max_steps, checkpoints and resume count optimiser
+    steps, and the loggers' x-axis too.
+
+    The x-axis is Lightning's private fit_loop.epoch_loop._batches_that_stepped, which it advances by one per
+    training_step and uses as the step of every epoch metric (LoggerConnector.log_metrics). No public way sets it:
+    the public alternative, a logged metric named "step", also becomes ModelCheckpoint's {step} and a callback metric
+    saved in every checkpoint. So vaelab advances it by the steps beyond one, here alone.
+    tests/test_steps_per_execution.py pins the result: every epoch metric lands at the same optimiser step whatever
+    the steps per execution."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    for _ in range(uncounted):
+        progress.increment_ready()
+        progress.increment_completed()
+    trainer.fit_loop.epoch_loop._batches_that_stepped += steps - 1

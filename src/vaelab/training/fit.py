@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from vaelab.errors import ConfigError, DistributedError, SaveError
@@ -26,18 +27,31 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: st
     except MisconfigurationException as exc:  # e.g. a limit_train_batches fraction that leaves no batch
         raise ConfigError(f"Lightning rejected the run's settings: {str(exc).splitlines()[0]}") from None
     except RuntimeError as exc:
+        stop_other_processes(trainer)
         if trainer.world_size > 1 and collective_failed(exc):
             raise lost_process(trainer) from None
         raise
     except OSError as exc:  # a full disk met by a write other than a checkpoint's (a log, metrics.csv): one sentence
+        stop_other_processes(trainer)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         checkpoints = checkpoint_dir(trainer)
         where = exc.filename or (checkpoints.parent if checkpoints else trainer.default_root_dir)
         raise SaveError(save_failure(exc, Path(where), checkpoints)) from None
+    except BaseException:
+        stop_other_processes(trainer)
+        raise
     finally:
         leave_stack(module)
     return None
+
+
+def stop_other_processes(trainer: L.Trainer) -> None:
+    """A DDP run's first process leaving training with an error stops the processes it started (Lightning's launcher
+    does so on Ctrl+C only): without it they cannot go on, and one that is frozen would be left behind for good."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.world_size > 1 and trainer.is_global_zero and launcher is not None:
+        launcher.kill(signal.SIGKILL)
 
 
 def leave_stack(module) -> None:
@@ -56,14 +70,10 @@ def collective_failed(exc: BaseException) -> bool:
 
 
 def lost_process(trainer: L.Trainer) -> DistributedError:
-    """One sentence for a DDP run whose other processes stopped answering; the processes this one started are
-    stopped too, so that none is left behind, frozen or waiting."""
-    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-
-    launcher = getattr(trainer.strategy, "launcher", None)
-    if isinstance(launcher, _SubprocessScriptLauncher):
-        launcher.kill(signal.SIGKILL)
-    timeout = getattr(trainer.strategy, "_timeout", None)
+    """One sentence for a DDP run whose other processes stopped answering (those this one started are stopped
+    already). No public way gives the strategy's collective timeout, so its field is read for the sentence;
+    tests/test_scale.py pins the sentence's figure."""
+    timeout = trainer.strategy._timeout if isinstance(trainer.strategy, DDPStrategy) else None
     seconds = f"{timeout.total_seconds():.0f} s" if timeout is not None else "the collective timeout"
     return DistributedError(
         f"rank {trainer.global_rank}: another process of this DDP run stopped answering for {seconds} (frozen, "

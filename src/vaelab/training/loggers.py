@@ -1,13 +1,11 @@
-"""Experiment loggers and the W&B life cycle. W&B runs online when credentials and the network are there, else
-offline; a resumed run continues its W&B run; every run ends its W&B run once, whatever ended the run."""
+"""A run's experiment loggers and its W&B run's life cycle (RunLoggers): a resumed run continues its W&B run, and
+every run ends its W&B run once, whatever ended the run. metrics.csv appends on a resume (AppendingCSVLogger).
+W&B's own pieces (its mode, the logger, offline artifacts) are wandb_runs.py."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
-import netrc
-import os
 import threading
 from pathlib import Path
 
@@ -17,151 +15,20 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from vaelab.checks import one_of, positive
 from vaelab.console import say
-from vaelab.errors import ConfigError
 from vaelab.files import atomic_write
+from vaelab.training.wandb_runs import (  # noqa: F401 - wandb_logger, resolve_wandb_mode: their earlier home
+    define_metrics,
+    log_checkpoints_offline,
+    resolve_wandb_mode,
+    say_wandb_run,
+    stop_wandb_service,
+    wandb_logger,
+    wandb_run_dir,
+    wandb_service_pids,
+)
 
 log = logging.getLogger(__name__)
-
-
-def wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def wandb_server() -> str:
-    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-
-
-def wandb_reachable(url: str | None = None, timeout: float = 5.0) -> bool:
-    """Whether the W&B server answers an HTTP request within `timeout` seconds (any answer counts: a server that
-    takes the connection and never answers does not)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(url or wandb_server(), timeout=timeout).close()
-        return True
-    except urllib.error.HTTPError:
-        return True  # it answered
-    except (OSError, ValueError):
-        return False
-
-
-def resolve_wandb_mode(mode: str = "auto", timeout: float = 5.0) -> str:
-    """The mode W&B runs in. auto: WANDB_MODE if set, else online with credentials; and online only if the server
-    answers within `timeout` seconds, else offline with one line saying how to upload later. online: the same
-    checks, but a failing one is an error (ConfigError), not a fallback."""
-    wandb_logger.ARGS["mode"].check(mode)
-    wanted = mode
-    if mode == "auto":
-        env = os.environ.get("WANDB_MODE")
-        wanted = {"dryrun": "offline"}.get(env, env) if env in ("online", "offline", "disabled", "dryrun") else "online"
-    if wanted != "online":
-        return wanted
-    problem = None
-    if not wandb_credentials():
-        problem = "no W&B credentials were found (WANDB_API_KEY or `wandb login`)"
-    elif not wandb_reachable(timeout=timeout):
-        problem = f"the W&B server {wandb_server()} did not answer within {timeout:g} s"
-    if problem is None:
-        return "online"
-    if mode == "online":
-        raise ConfigError(f"logger.wandb.mode=online, but {problem}; log offline with logger.wandb.mode=offline and "
-                          "upload later with wandb sync, or raise logger.wandb.network_timeout")
-    if os.environ.get("WANDB_MODE") == "online" or wandb_credentials():
-        say(f"vaelab: {problem}: W&B logs offline; upload the run later with wandb sync <run dir>/wandb/offline-run-*")
-    return "offline"
-
-
-def wandb_logger(
-    save_dir: str,
-    project: str = "vaelab",
-    group: str | None = None,
-    name: str | None = None,
-    tags: list[str] | None = None,
-    job_type: str = "train",
-    notes: str | None = None,
-    mode: str = "auto",
-    log_model: bool | str = False,
-    run_id: str | None = None,
-    network_timeout: float = 5.0,
-    finish_timeout: float = 60.0,
-) -> WandbLogger:
-    """Lightning's WandbLogger, writing under the run directory, in the mode `resolve_wandb_mode` picks (waiting at
-    most `network_timeout` seconds for the W&B server)."""
-    import wandb
-
-    resolved = resolve_wandb_mode(mode, network_timeout)
-    # W&B reads its terminal settings once per process, from the environment, before any run's own settings:
-    # its info lines off (WANDB_SHOW_INFO, unless set), vaelab says where the run is (RunLoggers.start)
-    os.environ.setdefault("WANDB_SHOW_INFO", "false")
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(
-        save_dir=save_dir, project=project, group=group, name=name, tags=list(tags or []), job_type=job_type,
-        notes=notes, offline=resolved == "offline", mode=resolved, id=run_id, resume="allow" if run_id else None,
-        # Lightning uploads checkpoints only online; offline, vaelab logs them itself at the end of the run
-        log_model=log_model if resolved == "online" else False,
-        # no run history and summary at exit, and none of W&B's info lines (its start lines end with an
-        # advertisement): vaelab says where the W&B run is and how to upload it (RunLoggers.start, print_summary);
-        # W&B's warnings and errors stay
-        settings=wandb.Settings(quiet=True, show_info=False),
-        # each run is its own W&B run, also where several share a process (a stacked sweep's members): none is
-        # wandb.run, so none finishes or logs into another
-        reinit="create_new",
-    )
-    # Lightning 2.6 always passes `anonymous` (None by default) to wandb.init, and wandb 0.31 warns about any value
-    # of that deprecated setting; vaelab never sets it, so it is not passed at all
-    logger._wandb_init.pop("anonymous", None)
-    logger.vaelab_log_model_offline = bool(log_model) and resolved == "offline"
-    logger.vaelab_finish_timeout = finish_timeout
-    return logger
-
-
-wandb_logger.ARGS = {"mode": one_of("logger.wandb.mode", "auto", "online", "offline", "disabled"),
-                     "network_timeout": positive("logger.wandb.network_timeout"),
-                     "finish_timeout": positive("logger.wandb.finish_timeout")}
-
-
-def log_checkpoints_offline(logger: WandbLogger, checkpoint_callback) -> None:
-    """Offline runs with log_model: the best and last checkpoints as one W&B model artifact, stored in the
-    offline run and uploaded by `wandb sync` (Lightning itself refuses log_model when offline)."""
-    import wandb
-
-    if not getattr(logger, "vaelab_log_model_offline", False) or checkpoint_callback is None:
-        return
-    paths = {p for p in (checkpoint_callback.best_model_path, checkpoint_callback.last_model_path) if p}
-    if not paths:
-        return
-    score = checkpoint_callback.best_model_score
-    artifact = wandb.Artifact(f"model-{logger.experiment.id}", type="model",
-                              metadata={"monitor": checkpoint_callback.monitor,
-                                        "best_score": float(score) if score is not None else None})
-    for path in sorted(paths):
-        artifact.add_file(path, name=Path(path).name)
-    logger.experiment.log_artifact(artifact, aliases=["latest", "best"])
-
-
-def say_wandb_run(logger: WandbLogger) -> None:
-    """Where the run's W&B run is, in one line (W&B's own start lines are off): its page online; offline, its
-    directory and the `wandb sync` that uploads it."""
-    run = logger.experiment
-    if run.settings.mode == "online":
-        say(f"vaelab: W&B run {run.id}: {run.url}")
-    elif (run_dir := wandb_run_dir(logger)) is not None and run.settings.mode == "offline":
-        say(f"vaelab: W&B run {run.id} logs offline to {run_dir}; upload it later with wandb sync {run_dir}")
-
-
-def wandb_run_dir(logger: WandbLogger) -> Path | None:
-    """The run's local directory (…/wandb/offline-run-…), the one `wandb sync` takes."""
-    run = logger.experiment
-    files_dir = getattr(run, "dir", None)
-    return Path(files_dir).parent if files_dir else None
 
 
 class AppendingWriter(ExperimentWriter):
@@ -195,17 +62,6 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
-def define_metrics(run) -> None:
-    """Epoch-level metrics plotted against the epoch, per-step curves against the optimiser step (Lightning's
-    trainer/global_step), and run summaries that show the best validation values, not the last."""
-    run.define_metric("epoch", hidden=True)
-    for prefix in ("train", "val", "test", "perf"):
-        run.define_metric(f"{prefix}/*", step_metric="epoch")
-    run.define_metric("train_step/*", step_metric="trainer/global_step")
-    for name, best in (("val/loss", "min"), ("val/elbo", "max"), ("val/recon", "min")):
-        run.define_metric(name, step_metric="epoch", summary=best)
-
-
 class RunLoggers:
     """A run's loggers, and the life cycle of its W&B run (if it has one): `start` sends the config and gives the
     run id to keep for a resume, `finish` ends it once, `preempted` marks it as preempted first."""
@@ -215,6 +71,7 @@ class RunLoggers:
         self.wandb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
         self.tensorboard = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
         self.run_config: dict = {}
+        self.started = False  # whether start() began the W&B runs (rank 0 only: other DDP ranks hold none)
 
     def start(self, run_config: dict, **extra) -> str | None:
         """Log the run's config to W&B as it is (the composed Hydra config, resolved), with vaelab's own facts
@@ -226,6 +83,7 @@ class RunLoggers:
             _open_runs().add(self)
         for lg in self.wandb:
             if rank_zero_only.rank == 0:
+                self.started = True
                 lg.experiment.config.update({**run_config, "vaelab": extra}, allow_val_change=True)
                 define_metrics(lg.experiment)
                 run_id = lg.experiment.id
@@ -258,9 +116,8 @@ class RunLoggers:
         return entry, run_dir
 
     def preempted(self) -> None:
-        for lg in self.wandb:
-            if lg._experiment is not None:
-                lg.experiment.mark_preempting()
+        for lg in self.wandb if self.started else ():
+            lg.experiment.mark_preempting()
         self.finish()
 
     def finish(self, exit_code: int = 0) -> None:
@@ -272,7 +129,8 @@ class RunLoggers:
         import threading
 
         _open_runs().discard(self)
-        started = [lg.experiment for lg in self.wandb if lg._experiment is not None]
+        started = [lg.experiment for lg in self.wandb] if self.started else []
+        self.started = False  # ended once
         if not started:
             return
         timeout = getattr(self.wandb[0], "vaelab_finish_timeout", 60.0)
@@ -284,28 +142,6 @@ class RunLoggers:
             say(f"vaelab: W&B did not finish within {timeout:g} s (its service is not answering); the run's results "
                 f"are saved, and its W&B files are in {run_dir}: upload them later with wandb sync")
             stop_wandb_service()
-
-
-def wandb_service_pids() -> list[int]:
-    """The wandb-core service processes this process started (Linux /proc)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            stat = (proc / "stat").read_text()
-        except (OSError, ValueError):
-            continue
-        if "wandb-core" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-            pids.append(int(proc.name))
-    return pids
-
-
-def stop_wandb_service() -> None:
-    """Kill this process's wandb-core services, so that W&B's own exit handler does not wait on one that hangs."""
-    import signal
-
-    for pid in wandb_service_pids():
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 _thread = threading.local()

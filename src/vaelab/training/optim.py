@@ -38,6 +38,10 @@ class AdamNormGrad(torch.optim.Adam):
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adam_normgrad": AdamNormGrad}
 OPTIMIZER: Arg = one_of("optim.name", *OPTIMIZERS)
+OPTIM_ARGS: dict[str, Arg] = {  # conf/optim/'s keys that every vaelab optimiser takes
+    "lr": positive("optim.lr"), "weight_decay": non_negative("optim.weight_decay"),
+    "fused": one_of("optim.fused", True, False),
+}
 SCHEDULERS = {"cosine": torch.optim.lr_scheduler.CosineAnnealingLR, "exponential": torch.optim.lr_scheduler.ExponentialLR,
               "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau}
 SCHEDULER: Arg = one_of("scheduler.name", "none", *SCHEDULERS)

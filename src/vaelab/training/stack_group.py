@@ -15,86 +15,42 @@ Signals. Only the main thread receives them: the group's handler flags every mem
 (members register theirs through `current_member()`), and each member saves at its next stop point and ends, as a
 run alone does. A member that neither asks for a step nor leaves its stack for `member_timeout` seconds while others
 wait is named in one line and flagged the same way.
+
+Why it is long: the turns (the baton, the hand-overs, the watchdog, the signals) and the stacked rounds they lead to
+(registration, training steps, evaluation passes) are one protocol over one lock and one member table; the member's
+side of it is stack_turns.py, the progress line stack_progress.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
-from vaelab.errors import VaelabError
 from vaelab.models.build import build_from_spec
 from vaelab.training.engine import StepStats
 from vaelab.training.stack import HYPER, Stack
+from vaelab.training.stack_progress import Progress
+from vaelab.training.stack_turns import (
+    DONE,
+    READY,
+    STOP_SIGNALS,
+    WAITING,
+    EvalRequest,
+    Member,
+    Request,
+    StackError,
+    enter,
+)
 from vaelab.training.stops import first_stop
 
 log = logging.getLogger("vaelab")
-
-READY, WAITING, DONE = "ready", "waiting", "done"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-_here = threading.local()  # the member whose thread this is
-
-
-class StackError(VaelabError):
-    """A member that cannot join its stack, or a stack that cannot go on: said in one line."""
-
-
-def current_member() -> Member | None:
-    """The stack member this thread runs, or None outside a stacked sweep."""
-    return getattr(_here, "member", None)
-
-
-def logging_state(names) -> dict:
-    """These loggers' handlers and settings ("": the root logger), as Hydra's job logging config sets them."""
-    return {name: (list(lg.handlers), lg.level, lg.propagate, lg.disabled)
-            for name, lg in ((n, logging.getLogger(n)) for n in names)}
-
-
-def restore_logging(state: dict) -> None:
-    for name, (handlers, level, propagate, disabled) in state.items():
-        lg = logging.getLogger(name)
-        lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
-
-
-@dataclass
-class Request:
-    """Optimiser steps a member asked for: n steps of `size` images, from its step `step0`."""
-
-    n: int
-    size: int
-    step0: int
-    steps_per_epoch: int
-    max_epochs: int
-
-
-@dataclass
-class EvalRequest:
-    """One evaluation batch of a member (validation or test): its model (whose structure the pass uses) and
-    weights, the images [B, C, H, W], the reparameterisation noise [B, sum D] that elbo_terms would draw, and the
-    importance samples' common random numbers, one [n, B, sum D] tensor per decoder pass ([] without the NLL).
-    `result`, once run: recon [B], kl_layers [L, B], the posterior means per layer, the log-weights [K, B]."""
-
-    model: torch.nn.Module
-    params: dict
-    x: torch.Tensor
-    noise: torch.Tensor
-    chunks: list
-    result: tuple | None = None
-
-    def signature(self) -> tuple:
-        return (tuple(self.x.shape), tuple(self.noise.shape), tuple(tuple(c.shape) for c in self.chunks))
 
 
 class _Evaluation(torch.nn.Module):
@@ -110,53 +66,6 @@ class _Evaluation(torch.nn.Module):
         log_w = (torch.cat([self.model.log_importance_weights(x, c.shape[0], noise=c) for c in chunks]) if chunks
                  else x.new_zeros(0))
         return terms.recon, terms.kl_layers, self.model.posterior_means(x), log_w
-
-
-@dataclass
-class Member:
-    """A member's thread and what it holds between its turns."""
-
-    index: int
-    name: str
-    group: StackGroup
-    status: str = READY
-    joined: bool = False  # registered with the stack and not yet retired: its steps are stacked
-    request: Request | EvalRequest | None = None
-    preemptions: list = field(default_factory=list)  # its Preemption callbacks, flagged by the group's signal handler
-    exit_code: object = None  # SystemExit's code, when the member's job ended by one
-    result: object = None
-    saved: tuple | None = None
-    told_to_stop: bool = False
-
-    def watch(self, preemption) -> None:
-        """Flag this Preemption callback when the process gets a stop signal (the group's handler does)."""
-        if preemption not in self.preemptions:
-            self.preemptions.append(preemption)
-        if self.group.signalled and preemption.signal_name is None:
-            preemption.signal_name = self.group.signalled
-
-    def stop(self, name: str) -> None:
-        for preemption in self.preemptions:
-            preemption.signal_name = preemption.signal_name or name
-
-    # -- the per-process state a member owns while it runs -----------------------------------------
-    def save(self) -> None:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        self.saved = (torch.get_rng_state(), cuda, random.getstate(), np.random.get_state(),
-                      logging_state(self.group.logger_names()), [get() for get, _ in self.group.swaps])
-
-    def restore(self) -> None:
-        if self.saved is None:  # its first turn: it sets up its own state (seeds, logging) as a run alone does
-            return
-        torch_rng, cuda, py_rng, np_rng, loggers, extra = self.saved
-        torch.set_rng_state(torch_rng)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        random.setstate(py_rng)
-        np.random.set_state(np_rng)
-        restore_logging(loggers)
-        for (_, put), value in zip(self.group.swaps, extra):
-            put(value)
 
 
 class StackGroup:
@@ -209,7 +118,7 @@ class StackGroup:
 
     def _member_main(self, i: int, job: Callable[[], object]) -> None:
         member = self.members[i]
-        _here.member = member
+        enter(member)
         self._wait_turn(i)
         try:
             member.result = job()
@@ -395,61 +304,3 @@ class StackGroup:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.progress.ran(waiting)
-
-
-class Progress:
-    """The stack's one progress line: members training, the epoch, aggregate images/s and the time left. On a
-    terminal it is redrawn in place at most once a second; otherwise a line is printed as the slowest training
-    member starts a new epoch."""
-
-    def __init__(self, group: StackGroup) -> None:
-        self.group = group
-        self.start = time.perf_counter()
-        self.images = 0
-        self.last_epoch = -1
-        self.last_draw = 0.0
-        self.tty = sys.stdout.isatty()
-        self.drawn = False
-        self.steps: dict[int, tuple[int, int, int]] = {}  # member -> (steps done, steps per epoch, max epochs)
-
-    def ran(self, waiting: list[Member]) -> None:
-        for m in waiting:
-            r = m.request
-            self.images += r.n * r.size
-            self.steps[m.index] = (r.step0 + r.n, max(1, r.steps_per_epoch), r.max_epochs)
-        training = [self.steps[m.index] for m in self.group.members if m.joined and m.index in self.steps]
-        if not training:
-            return
-        epoch = min((done - 1) // per for done, per, _ in training)  # the epoch of each one's last step
-        now = time.perf_counter()
-        if self.tty and now - self.last_draw < 1.0:
-            return
-        if not self.tty and epoch <= self.last_epoch:
-            return
-        self.last_epoch, self.last_draw = epoch, now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.images / elapsed
-        left = [max(0, total * per - done) for done, per, total in training if total and total > 0]
-        done_steps = sum(self.steps[i][0] for i in self.steps)
-        eta = max(left) / (done_steps / len(self.steps) / elapsed) if left and done_steps else math.nan
-        epochs = max((total for *_, total in training if total and total > 0), default=0)
-        line = (f"stacked: {len(training)} of {self.group.n} members training, epoch {min(epoch + 1, epochs or epoch + 1)}"
-                f"{f'/{epochs}' if epochs else ''}, {rate:,.0f} img/s, ETA {format_seconds(eta)}")
-        if self.tty:
-            print(f"\r{line}\033[K", end="", flush=True)
-            self.drawn = True
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.drawn:
-            print(flush=True)
-            self.drawn = False
-
-
-def format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "-"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"

@@ -1,11 +1,11 @@
-"""Every device of a node: a stacked sweep's units of work (a stack, or a job that runs alone) spread over one
-process per visible GPU, each process seeing its one device (CUDA_VISIBLE_DEVICES) and its share of the cores.
-With one GPU or none, the launcher's own process runs every unit (hydra.launcher.processes=auto); a number asks
-for that many processes, on a CPU too (each with cores // P threads).
+"""Every device of a node: a stacked sweep's units of work (a stack, or a job that runs alone) run in one process
+per visible GPU, each process seeing its one device (CUDA_VISIBLE_DEVICES) and its share of the cores, as
+vaelab.training.stack_plan.plan gives them out (hydra.launcher.processes: auto is a process per GPU; a number asks
+for that many processes, on a CPU too).
 
 The launching process only hands out the units and forwards stop signals; each process runs its units as the
-launcher would (a stack in one process, its members threads: training/stack_group.py) and reports how each job
-ended."""
+launcher would (a stack in one process, its members threads: vaelab.training.stack_group) and reports how each
+job ended."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import cloudpickle
@@ -22,48 +21,11 @@ import torch
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, setup_globals
 
-from vaelab.errors import ConfigError
+from hydra_plugins.vaelab_stacked_launcher._core import job_error, run_unit
+from vaelab.training.stack_plan import Unit
 
 log = logging.getLogger("vaelab")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-@dataclass
-class Unit:
-    """A stack (its jobs as members) or a job that runs alone (stacked False: one job, or several one after
-    another), on `device`."""
-
-    jobs: list[int]
-    stacked: bool
-    device: str
-
-
-def process_count(setting, units: list[Unit], gpus: int) -> int:
-    """hydra.launcher.processes: auto (one per visible GPU when the units train on a GPU and there are several
-    of both; else 1) or a whole number (at most one process per unit)."""
-    if setting == "auto":
-        on_gpu = any(u.device == "cuda" for u in units)
-        return max(1, min(gpus, len(units))) if on_gpu and gpus > 1 else 1
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ConfigError(f"hydra.launcher.processes={setting!r} must be auto or a whole number of at least 1")
-    return max(1, min(setting, len(units)))
-
-
-def plan(units: list[Unit], processes: int, cores: int) -> list[dict]:
-    """What each process is given: its units (the largest first, each to the process with the fewest members so
-    far), its device (GPU p, as CUDA_VISIBLE_DEVICES, when its units train on a GPU) and its threads
-    (cores // processes)."""
-    loads, given = [0] * processes, [[] for _ in range(processes)]
-    for u in sorted(range(len(units)), key=lambda u: -len(units[u].jobs)):
-        p = loads.index(min(loads))
-        given[p].append(u)
-        loads[p] += len(units[u].jobs)
-    specs = []
-    for p, mine in enumerate(given):
-        on_gpu = any(units[u].device == "cuda" for u in mine)
-        specs.append({"units": sorted(mine), "env": {"CUDA_VISIBLE_DEVICES": str(p)} if on_gpu else {},
-                      "threads": max(1, cores // processes)})
-    return specs
 
 
 def run_processes(launcher, units: list[Unit], configs: list, specs: list[dict]) -> list[JobReturn | None]:
@@ -130,8 +92,6 @@ def run_processes(launcher, units: list[Unit], configs: list, specs: list[dict])
 
 def process_main(conn, payload: bytes) -> None:
     """One process of the node: its units, run as the launcher runs them; then how each job ended."""
-    from vaelab.cli.sweeps import run_unit
-
     hydra_context, task_ref, timeout, state, units, threads = cloudpickle.loads(payload)
     os.setsid()  # out of the terminal's process group: a Ctrl-C reaches the launcher, which forwards it once
     torch.set_num_threads(threads)
@@ -155,5 +115,5 @@ def plain(ret: JobReturn) -> JobReturn:
     """How a job ended, without Hydra's config objects (not all of them pickle)."""
     out = JobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=None, working_dir=ret.working_dir,
                     task_name=ret.task_name, status=ret.status)
-    out._return_value = ret._return_value if ret.status == JobStatus.COMPLETED else RuntimeError(str(ret._return_value))
+    out.return_value = ret.return_value if ret.status == JobStatus.COMPLETED else RuntimeError(str(job_error(ret)))
     return out
