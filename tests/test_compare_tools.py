@@ -266,3 +266,28 @@ def test_the_curves_legend_fits_its_figure():
     band = ink[int(0.9 * ink.shape[0]):]  # the legend's rows, below the lower axes' labels
     assert band.any(), "no legend drawn"
     assert not ink[:, :3].any() and not ink[:, -3:].any(), "something is cut off at the figure's edge"
+
+
+def test_the_nll_figure_keeps_a_configurations_seeds_beside_its_bar():
+    """One configuration of two seeds: its seed dots stand beside its bar, in the middle of the axes, not at their
+    left edge (autoscaling spread one configuration's few hundredths of a unit over the whole width)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from vaelab.reporting.figures import nll_figure
+    from vaelab.reporting.runs import Run
+
+    label = "vanilla+standard (bernoulli)"
+    runs = [Run(Path(f"/runs/{seed}"), label, seed, "finished",
+                results={"metrics": {"test/nll": nll, "test/nll_mc_se": 0.01}}) for seed, nll in ((1, 346.5), (2, 352.2))]
+    pixels = plt.imread(io.BytesIO(nll_figure([{"configuration": label}], runs)))[..., :3]
+    dark = pixels.max(axis=2) < 0.3  # black: the frame, text and the seeds' dots
+    frame = [c for c in range(dark.shape[1]) if dark[:, c].sum() > 0.5 * dark.shape[0]]  # the axes' two sides
+    left, right = frame[0], frame[-1]
+    rows = [r for r in range(dark.shape[0]) if dark[r, left:right].sum() > 0.9 * (right - left)]  # top and bottom
+    inside = dark[rows[0] + 3:rows[-1] - 2, left + 3:right - 2]
+    width = inside.shape[1]
+    dark_columns = inside.any(axis=0)  # the dots, and the legend's text (placed where no data is: the right)
+    assert not dark_columns[:int(0.3 * width)].any(), "a seed's dot at the axes' left edge, away from its bar"
+    assert dark_columns[int(0.3 * width):int(0.5 * width)].any(), "no seed drawn beside the bar"

@@ -33,3 +33,8 @@ def quiet_lightning() -> None:
     Opt-in: importing vaelab changes nobody's logging."""
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 epoch', '3 epochs': a count and its noun, as a line says it."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -19,8 +19,12 @@ def matmul_precision(setting: str, accelerator: str) -> str:
     Lightning accelerator name: cpu, gpu, cuda or auto)."""
     if MATMUL_PRECISION.check(setting) != "auto":
         return setting
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return AUTO_MATMUL_PRECISION["cuda" if on_gpu else "cpu"]
+    return AUTO_MATMUL_PRECISION["cuda" if on_gpu(accelerator) else "cpu"]
+
+
+def on_gpu(accelerator: str) -> bool:
+    """Whether a Lightning accelerator name (cpu, gpu, cuda or auto) trains on a GPU here."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def pick_device(name: str) -> torch.device:

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vaelab.console import quiet_here
+from vaelab.console import plural, quiet_here
 from vaelab.devices import cpu_cores
 from vaelab.errors import ConfigError
 from vaelab.training.stack_plan import (
@@ -195,8 +195,7 @@ def member_ended(cfg: DictConfig, run_dir: Path, exit_code) -> None:
     metrics = results.get("metrics", {})
     key = next((k for k in ("test/nll", "test/loss", "val/loss") if k in metrics), None)
     figure = f"{key} {metrics[key]:.2f}, " if key else ""
-    epochs = results.get("epochs", 0)
-    line = (f"vaelab: #{cfg.hydra.job.num} finished: {figure}{epochs} epoch{'s' if epochs != 1 else ''}, "
+    line = (f"vaelab: #{cfg.hydra.job.num} finished: {figure}{plural(results.get('epochs', 0), 'epoch')}, "
             f"{results.get('train_time_s', 0):.0f} s training; {run_dir}")
     print(line, flush=True)
     logging.getLogger("vaelab.console").info(line)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from vaelab.cli.rundirs import RunState, save_json
-from vaelab.console import say
+from vaelab.console import plural, say
 from vaelab.errors import SaveError, VaelabError
 from vaelab.training.callbacks import Preempted
 from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
@@ -47,6 +47,21 @@ def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state:
         "metrics": metrics,
         "run_dir": str(out_dir),
     }
+
+
+def write_results(results: dict, trainer: L.Trainer, loggers: RunLoggers, out_dir: Path, checkpoints=None,
+                  table: dict | None = None) -> None:
+    """A finished run's ending: its W&B run's facts (checkpoints logged as artifacts offline) in results.json, saved
+    by the first process, with `table` (its results as one row) logged, the summary lines; the loggers finished."""
+    if trainer.is_global_zero:
+        wandb, wandb_dir = loggers.results(checkpoints)
+        if wandb is not None:
+            results["wandb"] = wandb
+        if table is not None:
+            loggers.log_results(table)
+        save_json(out_dir / "results.json", results)
+        print_summary(results, out_dir, wandb_dir)
+    loggers.finish()
 
 
 def preempted(stop: Preempted, trainer: L.Trainer, loggers: RunLoggers, state: RunState, out_dir: Path) -> dict:
@@ -87,10 +102,6 @@ def print_summary(results: dict, out_dir: Path, wandb_dir: Path | None) -> None:
         if mode == "offline":
             lines.append(f"  upload it later:   wandb sync {shlex.quote(str(wandb_dir))}")
     say("\n".join(lines))
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def objective(results: dict, name: str | None) -> float | None:

@@ -2,7 +2,7 @@
 
 Reads every run directory below the given one (`.hydra/config.yaml`, `results.json`, `metrics.csv`) and
 writes into it: report.html (one self-contained page: the table, the figures, each configuration's labelled
-grids; report_page.py), report.md and report.csv (one row per configuration, mean +/- std over seeds), runs.csv
+grids; reporting/page.py), report.md and report.csv (one row per configuration, mean +/- std over seeds), runs.csv
 (one row per run, failed ones included), nll.png (test NLL per configuration: seeds, spread, Monte Carlo error),
 curves.png (training and validation ELBO, reconstruction and KL for all runs) and samples.png (each configuration's
 prior samples side by side). `--wandb` logs the same table and figures to W&B.

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from vaelab.devices import cpu_cores, job_share
+from vaelab.devices import cpu_cores, job_share, on_gpu
 
 
 def parallel_jobs() -> int:
@@ -30,9 +30,7 @@ def use_job_share(cfg) -> None:
     parallel = parallel_jobs()
     if parallel <= 1:
         return
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    gpus = torch.cuda.device_count() if on_gpu else 0
+    gpus = torch.cuda.device_count() if on_gpu(str(cfg.trainer.get("accelerator", "auto"))) else 0
     gpu, threads = job_share(int(HydraConfig.get().job.num), parallel, cpu_cores(), gpus)
     torch.set_num_threads(threads)
     if gpu is not None and str(cfg.trainer.get("devices", 1)) == "1":

@@ -30,8 +30,8 @@ from vaelab.cli.config import (
 )
 from vaelab.cli.guard import discard_if_stub
 from vaelab.cli.help import help_text  # noqa: F401 - registers ${vaelab_help:}, the text of --help
-from vaelab.cli.outcome import failed_in_sweep, objective, preempted, print_summary, results_of
-from vaelab.cli.rundirs import RunState, finished, resume_from, save_json
+from vaelab.cli.outcome import failed_in_sweep, objective, preempted, results_of, write_results
+from vaelab.cli.rundirs import RunState, finished, resume_from
 from vaelab.cli.sweeps import use_job_share
 from vaelab.console import say
 from vaelab.devices import matmul_precision
@@ -76,15 +76,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except Preempted as stop:  # a stop signal in the test phase: training is saved; resume=auto tests again
         return preempted(stop, trainer, loggers, state, out_dir)
     results = results_of(cfg, trainer, model, metrics, state, test_time, out_dir)
-    if trainer.is_global_zero:
-        results["wandb"], wandb_dir = loggers.results(trainer.checkpoint_callback)
-        if results["wandb"] is None:
-            del results["wandb"]
-        save_json(out_dir / "results.json", results)
-        loggers.log_results({**{k: results[k] for k in ("model", "prior", "posterior", "likelihood", "data", "seed")},
-                             **{k: v for k, v in metrics.items() if k.startswith("test/")}})
-        print_summary(results, out_dir, wandb_dir)
-    loggers.finish()
+    table = {**{k: results[k] for k in ("model", "prior", "posterior", "likelihood", "data", "seed")},
+             **{k: v for k, v in metrics.items() if k.startswith("test/")}}
+    write_results(results, trainer, loggers, out_dir, trainer.checkpoint_callback, table)
     return results
 
 
@@ -123,13 +117,7 @@ def test_only(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     results = results_of(cfg, trainer, model, metrics, state, time.perf_counter() - t0, out_dir)
     results.update(trained=False, tested_checkpoint=str(ckpt_path), best_checkpoint=None)
-    if trainer.is_global_zero:
-        results["wandb"], wandb_dir = loggers.results(None)
-        if results["wandb"] is None:
-            del results["wandb"]
-        save_json(out_dir / "results.json", results)
-        print_summary(results, out_dir, wandb_dir)
-    loggers.finish()
+    write_results(results, trainer, loggers, out_dir)
     return results
 
 

@@ -102,6 +102,7 @@ def nll_figure(rows: list[dict], runs) -> bytes:
                     label="Monte Carlo standard error" if i == 0 else None)
         ax.scatter([i - 0.12] * len(values), values, color="k", s=14, zorder=3, label="seeds" if i == 0 else None)
     ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(labels) - 0.4)  # a unit of width per configuration, its dots and bars together in it
     ax.set_ylabel("test NLL (nats, lower is better)")
     ax.set_title("test NLL per configuration")
     ax.grid(alpha=0.3, axis="y")

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+from vaelab.console import plural
 from vaelab.files import atomic_write
 from vaelab.reporting.figures import curves_figure, nll_figure
 
@@ -103,9 +104,9 @@ def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>vaelab report: {html.escape(root.name)}</title>
 <style>{STYLE}</style></head><body>
-<h1>vaelab report</h1><p><code>{html.escape(str(root))}</code>: {len(runs)} runs, {len(rows)} configurations. Test
-metrics in nats per image (bits/dim aside); mean ± std over seeds; MC s.e.: the Monte Carlo standard error of
-the importance-sampled test NLL.</p>
+<h1>vaelab report</h1><p><code>{html.escape(str(root))}</code>: {plural(len(runs), 'run')},
+{plural(len(rows), 'configuration')}. Test metrics in nats per image (bits/dim aside); mean ± std over seeds; MC
+s.e.: the Monte Carlo standard error of the importance-sampled test NLL.</p>
 <p class="meta">Made {html.escape(time.strftime("%Y-%m-%d %H:%M %Z"))} by vaelab {html.escape(__version__)}, from
 {"; ".join(f"<code>{html.escape(c)}</code>" for c in commands) or "runs without a recorded command"}.
 {"Config keys that differ between the configurations: " + ", ".join(f"<code>{html.escape(k)}</code>"

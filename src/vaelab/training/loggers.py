@@ -126,8 +126,6 @@ class RunLoggers:
         results are saved."""
         if not self.wandb:
             return
-        import threading
-
         _open_runs().discard(self)
         started = [lg.experiment for lg in self.wandb] if self.started else []
         self.started = False  # ended once

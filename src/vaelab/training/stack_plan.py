@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from vaelab.devices import on_gpu
 from vaelab.errors import ConfigError
 from vaelab.training.stack import STACKED_OPTIMIZERS
 
@@ -135,10 +134,7 @@ def split(jobs: list[int], most: int) -> list[list[int]]:
 
 def stack_device(facts: Facts) -> str:
     """Where a stack of these jobs trains: their trainer's accelerator."""
-    accelerator = str(facts.get("trainer.accelerator") or "auto")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
+    return "cuda" if on_gpu(str(facts.get("trainer.accelerator") or "auto")) else "cpu"
 
 
 def stacking_on(setting, device: str) -> bool:
