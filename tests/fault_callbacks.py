@@ -245,3 +245,48 @@ class RecordProcess(L.Callback):
                  "children": len(multiprocessing.active_children()), "threads": torch.get_num_threads(),
                  "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
         (Path(trainer.default_root_dir) / "where.json").write_text(json.dumps(where))
+
+
+class KillAt(L.Callback):
+    """SIGKILL this process (nothing saved, no handler runs: the OOM killer, a node lost) at one point of a run,
+    named `where`: step:N (the execution holding optimiser step N starts), val:E (epoch E's first validation
+    batch), saved:K (the K-th checkpoint file, counting from 1, has just been written in place), epoch_end:E
+    (epoch E's end, before its train/ figures are logged), train_end (training has ended) and test:B (test batch
+    B). Prints `fault_callbacks: killing at <where>` first."""
+
+    def __init__(self, where: str) -> None:
+        kind, _, at = where.partition(":")
+        self.where, self.kind, self.at, self.saves = where, kind, int(at) if at else None, 0
+
+    def _kill(self, kind: str, at: int | None = None) -> None:
+        if kind == self.kind and at == self.at:
+            print(f"fault_callbacks: killing at {self.where}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        io = trainer.strategy.checkpoint_io
+        real = io.save_checkpoint
+
+        def save_then_maybe_kill(*args, **kwargs):
+            real(*args, **kwargs)
+            self.saves += 1
+            self._kill("saved", self.saves)
+
+        io.save_checkpoint = save_then_maybe_kill
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.kind == "step" and reaches(trainer, batch, self.at):
+            self._kill("step", self.at)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and batch_idx == 0:
+            self._kill("val", trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._kill("epoch_end", trainer.current_epoch)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._kill("train_end")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._kill("test", batch_idx)

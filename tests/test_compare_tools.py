@@ -12,6 +12,7 @@ import torch
 import wandb_files
 from conftest import TINY, run_app
 
+from vaelab.cli.rundirs import sweep_id
 from vaelab.errors import CheckpointError
 from vaelab.models import VAE, HierarchicalVAE
 from vaelab.training.checkpoints import load_weights
@@ -39,7 +40,7 @@ def test_compare_runs_four_models_grouped_and_tagged_in_wandb(sweep):
     assert sorted((r["model"], r["prior"]) for r in results.values()) == [
         ("deep", "standard"), ("deep", "vamp"), ("vanilla", "standard"), ("vanilla", "vamp")]
     infos = [wandb_files.run_info(r["wandb"]["dir"]) for r in results.values()]
-    assert len({i["group"] for i in infos}) == 1 and infos[0]["group"] == f"compare-{sweep.name}"
+    assert len({i["group"] for i in infos}) == 1 and infos[0]["group"] == f"compare-{sweep_id(sweep)}"
     assert {i["job_type"] for i in infos} == {"compare"}
     assert len({i["id"] for i in infos}) == 4  # one W&B run per job, each ended before the next
     for info, r in zip(infos, results.values()):
@@ -58,7 +59,7 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
     (report_run,) = (root / "wandb").glob("offline-run-*")
     assert wandb_files.run_info(report_run)["job_type"] == "report"
     # into the runs' own W&B group (results.json), not one named after the folder the report was given
-    assert wandb_files.run_info(report_run)["group"] == f"compare-{sweep.name}" != f"compare-{root.name}"
+    assert wandb_files.run_info(report_run)["group"] == f"compare-{sweep_id(sweep)}" != f"compare-{sweep_id(root)}"
     logged = {k for row in wandb_files.history(report_run) for k in row}
     assert {"report/table/_type", "report/curves/_type", "report/samples/_type"} <= logged
     results = _results(root)
@@ -81,7 +82,7 @@ def test_report_table_matches_results_and_draws_both_figures(sweep, tmp_path):
     for name, res in results.items():
         w = res["wandb"]
         (line,) = [ln for ln in links if ln.startswith(f"- `{root / name}` ")]
-        assert line.endswith(f": W&B run {w['id']}, group compare-{sweep.name}: offline: {w['dir']} (upload: "
+        assert line.endswith(f": W&B run {w['id']}, group compare-{sweep_id(sweep)}: offline: {w['dir']} (upload: "
                              f"wandb sync {w['dir']})"), line
         assert Path(w["dir"]).name.endswith(w["id"]) and w["mode"] == "offline" and w["url"] is None
     for name in ("curves.png", "samples.png"):
@@ -135,7 +136,8 @@ def test_a_bad_configuration_in_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_pa
     root = tmp_path / "sweep"
     proc = run_app("-m", "model.latent_dim=3,-1", *TINY, "trainer.max_epochs=1", "logger=csv",
                    f"hydra.sweep.dir={root}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # once the other job has finished, naming the failed one
+    assert proc.stderr.splitlines()[-1].startswith("error: 1 job of 2 failed (#1"), proc.stderr[-3000:]
     ok, bad = (json.loads((root / str(i) / "results.json").read_text()) for i in (0, 1))
     assert ok["status"] == "finished" and bad["status"] == "failed"
     assert "model.latent_dim must be greater than 0, got -1" in bad["error"]

@@ -223,7 +223,7 @@ def mount_small(where: Path) -> Path:
 def test_a_full_disk_in_a_sweep_ends_it_non_zero_and_keeps_every_row_logged(launcher, small_fs, fashion_mnist):
     """A full disk is no configuration's fault: the sweep stops with a non-zero exit (one line per run that met it),
     as a run alone does, and metrics.csv keeps every row logged before the failing save (epoch 0's train/ and val/
-    rows, epoch 1's steps and validation). A stack's members each meet their own full disk at their epoch 1's end
+    rows, epoch 1's, epoch 2's steps). A stack's members each meet their own full disk at their epoch 1's end
     (each job directory is a disk of its own: which write meets a shared full disk first is a race, said below)."""
     stacked = launcher == "stacked"
     sweep_dir = small_fs / "sweep"
@@ -238,16 +238,18 @@ def test_a_full_disk_in_a_sweep_ends_it_non_zero_and_keeps_every_row_logged(laun
         errors = sorted(ln for ln in proc.stderr.splitlines() if ln.strip())
         # the basic launcher stops at the first job; a stack's members meet their full disks together, one line each
         assert len(errors) == len(disks), errors
-        for error, disk, job in zip(errors, disks, [sweep_dir / str(i) for i in range(len(disks))]):
-            assert error.startswith(f"error: no space left on {disk} while saving {job}/checkpoints/"), errors
+        for i, (error, disk, job) in enumerate(zip(errors, disks, [sweep_dir / str(i) for i in range(len(disks))])):
+            # the disk fills at epoch 1's end, after its checkpoints (saved once its validation ended): the first
+            # write to meet it is epoch 2's (a grid's PNG, drawn before that epoch's checkpoint)
+            assert error.startswith(f"error: job #{i}: no space left on {disk} while saving {job}/"), [error]
         assert not (sweep_dir / "1").exists() or stacked
         for job in [sweep_dir / str(i) for i in range(len(errors))]:
             with open(job / "metrics.csv") as f:
                 rows = list(csv.DictReader(f))
-            assert [r["epoch"] for r in rows if r["train/loss"]] == ["0"]  # epoch 1's failed before its end was logged
-            assert [r["epoch"] for r in rows if r["val/loss"]] == ["0", "1"]
-            assert {r["step"] for r in rows if r["train_step/loss"]} >= {"1", "3", "5", "7"}  # log_every_n_steps=2
-            assert (job / "checkpoints" / "epoch_000.ckpt").is_file()
+            assert [r["epoch"] for r in rows if r["train/loss"]] == ["0", "1"]
+            assert [r["epoch"] for r in rows if r["val/loss"]] == ["0", "1"]  # epoch 2's failed before it was logged
+            assert {r["step"] for r in rows if r["train_step/loss"]} >= {"1", "3", "5", "7", "21", "23"}  # every 2nd
+            assert (job / "checkpoints" / "epoch_001.ckpt").is_file()
     finally:
         for disk in disks[::-1]:
             if disk != small_fs:
@@ -267,7 +269,7 @@ def test_members_sharing_a_disk_that_fills_each_say_so_in_one_line(small_fs, fas
     errors = sorted(ln for ln in proc.stderr.splitlines() if ln.strip())
     assert len(errors) == 2, errors
     for i, error in enumerate(errors):
-        assert error.startswith(f"error: no space left on {small_fs} while saving {sweep_dir / str(i)}/"), errors
+        assert error.startswith(f"error: job #{i}: no space left on {small_fs} while saving {sweep_dir / str(i)}/"), errors
         assert error.endswith("free space and rerun with resume=auto"), error
     for ckpt in sweep_dir.glob("*/checkpoints/*"):
         assert ckpt.suffix == ".ckpt", ckpt  # no temporary file
@@ -309,4 +311,4 @@ def test_a_full_disk_met_by_any_other_write_is_one_line(tmp_path, fashion_mnist)
                       *fault("NoSpaceAt", path=f"{out}/metrics.csv")))
     message = str(info.value)
     assert message.startswith(f"no space left on {mount_point(out)} while saving {out}/metrics.csv; the checkpoints already there "
-                              "are whole (last.ckpt at step 8, epoch_000.ckpt at step 8)"), message
+                              "are whole (last.ckpt at step 16, epoch_001.ckpt at step 16)"), message  # saved before epoch 1's end

@@ -16,6 +16,8 @@ import wandb_files
 from conftest import TINY, compose, fault, run_app
 
 from hydra_plugins.vaelab_stacked_launcher._core import built_key, job_facts
+from vaelab.cli.rundirs import sweep_id
+from vaelab.training.checkpoints import saved_entries
 from vaelab.training.stack_plan import group_jobs, split
 
 SWEEP = ["seed=1,2", "loss.beta=1,0.5"]  # four members: two seeds x two KL weights
@@ -104,7 +106,7 @@ def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashio
     for member_dir in (Path(r["run_dir"]) for r in members(stacked).values()):  # one W&B run each, in one group
         (wandb_dir,) = (member_dir / "wandb").glob("offline-run-*")
         runs[wandb_files.run_info(wandb_dir)["id"]] = wandb_files.run_info(wandb_dir)["group"]
-    assert len(runs) == 4 and set(runs.values()) == {"sweep-stacked"}
+    assert len(runs) == 4 and set(runs.values()) == {f"sweep-{sweep_id(stacked)}"}  # its name and its path's hash
     overrides = (job / ".hydra" / "overrides.yaml").read_text()
     assert f"seed={key[0]}" in overrides and "loss.beta=" in overrides and "hydra/launcher" not in overrides
     best = Path(results["best_checkpoint"])
@@ -137,7 +139,11 @@ def test_stacked_members_are_their_solo_runs_and_resume_to_them(tmp_path, fashio
 
 def test_a_diverging_member_is_recorded_and_the_others_go_on(tmp_path, fashion_mnist):
     poison = fault("PoisonBatch", step="3,100000")  # a sweep over the step: member 0 diverges, member 1 never
-    stacked, _ = sweep(tmp_path, *STACKED, "trainer.max_epochs=1", *poison)
+    stacked = tmp_path / "sweep"
+    proc = run_app("-m", *COMMON, *STACKED, "trainer.max_epochs=1", *poison, f"hydra.sweep.dir={stacked}", timeout=900)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # after member 1 ends
+    assert errors[0].startswith("error: job #0: Training stopped: the loss became NaN") and "1 job of 2 failed (#0" in errors[1]
     results = [json.loads(p.read_text()) for p in sorted(stacked.glob("*/results.json"))]
     assert [r["status"] for r in results] == ["failed", "finished"]
     assert "not finite" in results[0]["error"] or "NaN" in results[0]["error"]
@@ -402,17 +408,37 @@ def test_a_member_that_built_another_model_is_refused_in_one_sentence():
 
 def test_a_killed_sweep_resumes_its_members(tmp_path, fashion_mnist):
     """SIGKILL to the stacked sweep's one process mid-training: nothing is left running (no member processes) and
-    nothing is printed after the kill; each member's checkpoints stay whole, and resume=auto finishes them."""
-    proc = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}", *fault("SignalLauncherAt", step=10, signum=signal.SIGKILL),
+    nothing is printed after the kill; each member's checkpoints stay whole, and resume=auto finishes them with
+    the uninterrupted sweep's metrics.csv rows and W&B history, each in one W&B run, its training time kept."""
+    from test_stop_anywhere import assert_rows_close, rows
+
+    args = ["-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=many"]
+    whole = run_app(*args, f"hydra.sweep.dir={tmp_path / 'whole'}", timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = run_app(*args, f"hydra.sweep.dir={tmp_path / 'sweep'}", *fault("SignalLauncherAt", step=10, signum=signal.SIGKILL),
                    timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    resumed = run_app("-m", *COMMON, *STACKED, "seed=1,2", "trainer.max_epochs=2", "logger=csv", "resume=auto",
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
+    # a member may not have reached its first checkpoint yet (it then begins again, in the same W&B run)
+    saved_time = [saved_entries(tmp_path / "sweep" / str(i) / "checkpoints" / "last.ckpt",
+                                "vaelab_train_time_s").get("vaelab_train_time_s", 0.0) for i in range(2)]
+    resumed = run_app(*args, "resume=auto", f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     done = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(2)]
     assert [(r["status"], r["global_step"]) for r in done] == [("finished", 16)] * 2
+    assert all(r["train_time_s"] >= round(t, 2) and r["train_time_s"] > 0 for r, t in zip(done, saved_time)), saved_time
+    assert max(saved_time) > 0  # the kill came after a checkpoint of at least one member
+    for i in range(2):
+        member, ref = tmp_path / "sweep" / str(i), tmp_path / "whole" / str(i)
+        assert_rows_close(rows(member), rows(ref))
+        logs = sorted((member / "wandb").glob("offline-run-*"))
+        assert len(logs) in (1, 2) and len({wandb_files.run_info(d)["id"] for d in logs}) == 1  # its starts, one run
+        assert len(logs) == 2 or saved_time[i] == 0
+        history = [r for d in logs for r in wandb_files.history(d)]
+        (ref_log,) = (ref / "wandb").glob("offline-run-*")
+        assert [sorted(k for k in r if not k.startswith("_")) for r in history] == [
+            sorted(k for k in r if not k.startswith("_")) for r in wandb_files.history(ref_log)]
+        assert [r["epoch"] for r in history if "train/loss" in r] == [0, 1]
 
 
 def test_a_member_that_holds_up_its_stack_is_named_and_stopped(tmp_path, fashion_mnist):

@@ -1,53 +1,21 @@
 """Read a W&B run's local `.wandb` log back: the records W&B itself wrote, offline, with nothing mocked.
 
-The file is W&B's LevelDB-style log: a 7-byte file header (":W&B", magic 0xBEE1, version 0), then
-32 KiB blocks of records, each with a 7-byte header (crc32c, length, type: full / first / middle / last)
-holding one serialised `wandb_internal_pb2.Record`.
+The file's format is said in vaelab/training/wandb_log.py, whose reader this uses.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
-BLOCK = 32768
-HEADER = 7
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+from vaelab.training import wandb_log
 
 
 def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    data = Path(path).read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
-    assert ident == b":W&B" and magic == 0xBEE1 and version == 0, f"not a W&B log: {path}"
-    records, pos, pending = [], HEADER, b""
-    while pos + HEADER <= len(data):
-        left_in_block = BLOCK - pos % BLOCK
-        if left_in_block < HEADER:  # the block's tail is padding
-            pos += left_in_block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        payload = data[pos + HEADER : pos + HEADER + length]
-        pos += HEADER + length
-        if kind == 0 and length == 0:
-            continue
-        if kind == FULL:
-            pending = payload
-        elif kind == FIRST:
-            pending = payload
-            continue
-        elif kind == MIDDLE:
-            pending += payload
-            continue
-        elif kind == LAST:
-            pending += payload
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(pending)
-        records.append(rec)
-        pending = b""
-    return records
+    """Every whole record of a W&B log (vaelab's own reader, which checkpoints and resumes use)."""
+    return wandb_log.read_records(path)[0]
 
 
 def history(run_dir: Path) -> list[dict]:

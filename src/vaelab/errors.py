@@ -31,13 +31,14 @@ class NonFiniteLossError(VaelabError):
     """Training produced a NaN or infinite loss."""
 
 
-def run_or_explain(fn, *args, on_error=None):
-    """Run an entry point's body. A VaelabError prints its one sentence, no traceback, and ends the process with
-    status 1, unless `on_error(exc)` returns a value, which is then returned instead (a failed run in a sweep)."""
+def run_or_explain(fn, *args, on_error=None, label: str = ""):
+    """Run an entry point's body. A VaelabError prints its one sentence (after `label`: a sweep's job names itself),
+    no traceback, and ends the process with status 1, unless `on_error(exc)` returns a value, which is then
+    returned instead (a failed run in a sweep)."""
     try:
         return fn(*args)
     except VaelabError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {label}{exc}", file=sys.stderr, flush=True)
         handled = on_error(exc) if on_error is not None else None
         if handled is None:
             sys.exit(1)

@@ -23,6 +23,7 @@ from vaelab.devices import cpu_cores
 from vaelab.errors import ConfigError
 from vaelab.training.stack_plan import (
     FACT_KEYS,
+    UNBUILT,
     Unit,
     group_jobs,
     plan,
@@ -62,7 +63,7 @@ def built_key(cfg: DictConfig, shapes: dict | None = None) -> tuple[dict, str | 
         with torch.device("meta"):
             model = build_model(cfg, shape)
     except Exception as exc:  # noqa: BLE001 - said by the job's own run, which builds the same things
-        return {"image_shape": None, "spec": None}, f"its data or model could not be built here ({_first_line(exc)})"
+        return {"image_shape": None, "spec": None}, f"{UNBUILT} ({_first_line(exc)})"
     spec = model.spec()
     if spec is None:
         return {"image_shape": list(shape), "spec": None}, "its model has parts no spec describes (a custom part)"
@@ -81,14 +82,20 @@ def job_error(ret: JobReturn) -> BaseException:
     return ret._return_value
 
 
-def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
-    stacking_on(launcher.stack, "cpu")  # a wrong setting is refused before any job starts
-    if not isinstance(launcher.max_members, int) or launcher.max_members < 1:
+def check_settings(launcher) -> None:
+    """The launcher's settings, refused in one sentence at its setup: before Hydra writes the sweep's directory
+    (multirun.yaml) or starts any job."""
+    stacking_on(launcher.stack, "cpu")
+    if isinstance(launcher.max_members, bool) or not isinstance(launcher.max_members, int) or launcher.max_members < 1:
         raise ConfigError(f"hydra.launcher.max_members={launcher.max_members!r} must be a whole number of at least 1")
-    process_count(getattr(launcher, "processes", "auto"), [], 0)  # likewise
+    process_count(getattr(launcher, "processes", "auto"), [], 0)
     timeout = launcher.member_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"hydra.launcher.member_timeout={timeout!r} must be a number of seconds greater than 0")
+
+
+def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    check_settings(launcher)
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
@@ -114,14 +121,14 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         stacked = g.alone is None and len(g.jobs) > 1 and stacking_on(launcher.stack, device)
         if not stacked:
             if g.alone is None and len(g.jobs) > 1:
-                log.info("stacked launcher: %d jobs on %s run one after another (hydra.launcher.stack=%s)",
-                         len(g.jobs), device, launcher.stack)
+                log.info("stacked launcher: %s on %s run one after another (hydra.launcher.stack=%s)",
+                         plural(len(g.jobs), "job"), device, launcher.stack)
             units.append(Unit(g.jobs, False, device))
             for j in g.jobs:
                 log.info("\t#%d : %s", initial_job_idx + j, " ".join(filter_overrides(job_overrides[j])))
             continue
         for part in split(g.jobs, int(launcher.max_members)):
-            log.info("stacked launcher: %d jobs as one stacked model on %s:", len(part), device)
+            log.info("stacked launcher: %s as one stacked model on %s:", plural(len(part), "job"), device)
             for j in part:
                 log.info("\t#%d : %s", initial_job_idx + j, " ".join(filter_overrides(job_overrides[j])))
             units.append(Unit(part, True, device))

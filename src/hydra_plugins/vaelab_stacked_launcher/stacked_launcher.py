@@ -22,16 +22,25 @@ class StackedLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra_plugins.vaelab_stacked_launcher._core import check_settings
+
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        _said(check_settings, self)  # before Hydra writes the sweep's directory
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import sys
-
         from hydra_plugins.vaelab_stacked_launcher._core import launch
-        from vaelab.errors import VaelabError
 
-        try:
-            return launch(self, job_overrides, initial_job_idx)
-        except VaelabError as exc:  # a wrong launcher setting, a failed stack server: one line, as the app says its own errors
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(1)
+        return _said(launch, self, job_overrides, initial_job_idx)
+
+
+def _said(fn, *args):
+    """fn(*args); a VaelabError (a wrong launcher setting) is one line and exit status 1, as the app says its own."""
+    import sys
+
+    from vaelab.errors import VaelabError
+
+    try:
+        return fn(*args)
+    except VaelabError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -13,10 +13,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from vaelab.cli.config import build, trainer_config
+from vaelab.cli.rundirs import sweep_id
 from vaelab.console import say
 from vaelab.errors import ConfigError
 from vaelab.training.checkpoints import AtomicCheckpointIO
 from vaelab.training.loggers import RunLoggers
+from vaelab.training.stack_turns import current_member
 
 
 def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
@@ -32,18 +34,24 @@ def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
                 extra["group"] = group  # a sweep's runs are one W&B group, whichever launcher ran them
             if wandb_run_id:
                 extra["run_id"] = wandb_run_id  # continue the same W&B run
-        loggers.append(build(node, **extra))
+            if current_member() is not None:  # a stacked member, a thread: W&B would capture the whole sweep's output
+                extra["console"] = "off"
+        logger = build(node, **extra)
+        if name == "wandb" and current_member() is not None:
+            logger.vaelab_console_log = Path(cfg.paths.output_dir) / "train.log"  # the member's own lines, at its end
+        loggers.append(logger)
     return RunLoggers(loggers)
 
 
 def sweep_group() -> str | None:
-    """The W&B group of a multirun's jobs when run_group does not name one: sweep-<the sweep directory's name>."""
+    """The W&B group of a multirun's jobs when run_group does not name one: sweep-<the sweep directory's name>-<a
+    hash of its path> (rundirs.sweep_id)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    return f"sweep-{Path(HydraConfig.get().sweep.dir).name}"
+    return f"sweep-{sweep_id(HydraConfig.get().sweep.dir)}"
 
 
 def run_facts(model, trainer: L.Trainer) -> dict:

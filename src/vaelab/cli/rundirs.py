@@ -150,5 +150,17 @@ OmegaConf.register_new_resolver("vaelab_sweep_dir", sweep_dir, replace=True)
 # not oc.env's default, which OmegaConf resolves (and default_data_dir says) even when the variable is set
 OmegaConf.register_new_resolver("vaelab_data_dir", lambda: os.environ.get("VAELAB_DATA_DIR") or default_data_dir(),
                                 replace=True)
-# ${basename:${hydra:sweep.dir}} names a sweep's W&B group after its directory
+
+
+def sweep_id(path) -> str:
+    """A sweep's name for its W&B group: its directory's name and a short hash of its whole path, so that two
+    sweeps in folders of the same name never share a group, and a resumed sweep keeps its own."""
+    import hashlib
+
+    folder = Path(str(path)).resolve()
+    return f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:6]}"
+
+
 OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name, replace=True)
+# ${vaelab_sweep_id:${hydra:sweep.dir}} names a sweep's W&B group after its directory (conf/experiment/*.yaml)
+OmegaConf.register_new_resolver("vaelab_sweep_id", sweep_id, replace=True)

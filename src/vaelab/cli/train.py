@@ -32,13 +32,22 @@ from vaelab.cli.guard import discard_if_stub
 from vaelab.cli.help import help_text  # noqa: F401 - registers ${vaelab_help:}, the text of --help
 from vaelab.cli.outcome import failed_in_sweep, objective, preempted, results_of, write_results
 from vaelab.cli.rundirs import RunState, finished, resume_from
+from vaelab.cli.sweep_end import job_label
 from vaelab.cli.sweeps import use_job_share
 from vaelab.console import say
 from vaelab.devices import matmul_precision
 from vaelab.errors import ConfigError, VaelabError, run_or_explain
 from vaelab.training.callbacks import Preempted, Preemption
-from vaelab.training.checkpoints import check_fits, load_checkpoint, remove_temporaries
+from vaelab.training.checkpoints import (
+    check_fits,
+    load_checkpoint,
+    prune_untracked,
+    readable_checkpoints,
+    remove_temporaries,
+    saved_entries,
+)
 from vaelab.training.fit import fit
+from vaelab.training.log_rows import EMPTY_HISTORIES
 from vaelab.training.module import VAEModule
 
 log = logging.getLogger("vaelab")
@@ -65,11 +74,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         discard_if_stub(out_dir)  # a refused start (missing data, a foreign checkpoint) leaves no stub directory
         raise
 
-    t0 = time.perf_counter()
     stop = fit(trainer, module, datamodule, ckpt_path) or finish_training(trainer, module)
-    state.train_time_s += time.perf_counter() - t0
+    state.train_time_s = module.train_time.seconds()  # from its checkpoint's, if resumed (a kill loses no more)
     if stop is not None:
         return preempted(stop, trainer, loggers, state, out_dir)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if trainer.is_global_zero and last.is_file():  # Lightning never removes the checkpoint a fit resumed from
+        prune_untracked(last)
 
     try:
         metrics, test_time = test_best(cfg, trainer, module, datamodule)
@@ -139,16 +150,28 @@ def set_up(cfg: DictConfig, out_dir: Path):
     ckpt_path, skipped = resume_from(cfg, out_dir)
     if skipped and rank_zero_only.rank == 0:
         say(skipped)
-    state = RunState.load(out_dir) if ckpt_path else RunState()
+    # a start killed before its first checkpoint left only histories: this start begins them again, in its W&B run
+    restart = not ckpt_path and cfg.get("train", True) and not readable_checkpoints(out_dir / "checkpoints")[0]
+    state = RunState.load(out_dir) if ckpt_path or restart else RunState()
     datamodule, model = build_data_and_model(cfg, ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = VAEModule(model, build_recipe(cfg, run_config))
     if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
         model.elbo_terms = torch.compile(model.elbo_terms)
     loggers = build_loggers(cfg, state.wandb_run_id)
+    own_checkpoint = ckpt_path is not None and Path(ckpt_path).parent.resolve() == (out_dir / "checkpoints").resolve()
+    if own_checkpoint and rank_zero_only.rank == 0 and cfg.get("train", True):
+        # this run, resumed: its histories go back to where the checkpoint left them, and the checkpoints its
+        # ModelCheckpoint no longer keeps (left by a start killed between two saves) go
+        loggers.rewind(saved_entries(ckpt_path, "vaelab_logs").get("vaelab_logs", {}), state.wandb_run_id)
+        prune_untracked(ckpt_path)
+    elif restart and rank_zero_only.rank == 0:
+        loggers.rewind(EMPTY_HISTORIES, state.wandb_run_id, any_run=True)
     trainer = build_trainer(cfg, loggers)
     say_start(cfg, model, trainer, out_dir, ckpt_path)
     state.wandb_run_id = loggers.start(run_config, **run_facts(model, trainer)) or state.wandb_run_id
+    if rank_zero_only.rank == 0 and cfg.get("train", True):
+        state.save(out_dir)  # the W&B run id known from the start: a run killed outright continues the same W&B run
     return state, ckpt_path, datamodule, model, module, loggers, trainer
 
 
@@ -188,7 +211,7 @@ def main(cfg: DictConfig) -> float | None:
     # a log record that cannot be written (train.log on a full disk) is dropped, not printed as a traceback:
     # the error that matters is said in one line on stderr
     logging.raiseExceptions = False
-    results = run_or_explain(train, cfg, on_error=lambda exc: failed_in_sweep(cfg, exc))
+    results = run_or_explain(train, cfg, on_error=lambda exc: failed_in_sweep(cfg, exc), label=job_label())
     if isinstance(results, float):  # a failed run in a sweep
         return results
     if results["status"] == "preempted":

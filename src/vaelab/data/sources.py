@@ -135,14 +135,22 @@ def default_data_dir() -> str:
     """Where data sets go when neither VAELAB_DATA_DIR nor data.root says: ./data in a vaelab checkout (README's
     `make data` puts Fashion-MNIST there); anywhere else a per-user cache ($XDG_CACHE_HOME/vaelab/data, by
     default ~/.cache/vaelab/data), said once per process, rather than a new data/ folder wherever one launches."""
-    global _SAID_WHERE
     if is_checkout(Path.cwd()):
         return "data"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vaelab" / "data"
-    if not _SAID_WHERE:
+    return str(_cache_dir())
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vaelab" / "data"
+
+
+def _say_if_cache(root: Path) -> None:
+    """Once per process, when a data set is read from the per-user cache (not for data.root, VAELAB_DATA_DIR or
+    a checkout's data/, nor for data that no root holds: arrays, folders, synthetic)."""
+    global _SAID_WHERE
+    if not _SAID_WHERE and Path(root).resolve() == _cache_dir().resolve():
         _SAID_WHERE = True
-        log.info("vaelab keeps data sets in %s (VAELAB_DATA_DIR or data.root choose another place)", cache)
-    return str(cache)
+        log.info("vaelab keeps data sets in %s (VAELAB_DATA_DIR or data.root choose another place)", root)
 
 
 def _new_folders(root: Path, src: Source) -> list[Path]:
@@ -184,6 +192,7 @@ def load_images(name: str, root: str | os.PathLike, download: bool = True) -> tu
     """(official train images, official test images) as uint8 [N, C, H, W], from the first source that works."""
     src = SOURCES[name]
     root = Path(root)
+    _say_if_cache(root)
     damaged = _damaged_idx(src, root) if src.idx else []
     if damaged and not _install_debian_files(src, root):  # Debian's package can replace a damaged file; else:
         path, problem = damaged[0]

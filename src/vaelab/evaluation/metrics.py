@@ -5,6 +5,7 @@ that training and vaelab-eval alike update and compute. A new metric is added he
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,13 @@ class ElboMeans(Metric):
         `count` examples in all, one per optimiser step (the step engine's rows): recon [n], kl_layers [L, n]."""
         self.total += torch.cat([recon.detach().sum(0, keepdim=True), kl_layers.detach().sum(1)]).double()
         self.count += recon.shape[0] if count is None else count
+
+    def compute_restored(self) -> dict[str, Tensor]:
+        """compute(), also for a run resumed at an epoch's end: its sums come from the checkpoint (a persistent
+        state), and torchmetrics, which counts only this start's updates, would warn that there were none."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric ElboMeans was called before")
+            return self.compute()
 
     def compute(self) -> dict[str, Tensor]:
         mean = (self.total / self.count).float()

@@ -1,5 +1,7 @@
-"""Checkpoints: loaded safely (weights_only: no pickled code runs), their weights checked against a model, and
-the plain VAE rebuilt from one (load_model) without Hydra or the data set."""
+"""Checkpoints: loaded safely (weights_only: no pickled code runs), their weights checked against a model, the
+plain VAE rebuilt from one (load_model) without Hydra or the data set, written atomically, and the ones a resumed
+run no longer keeps removed. Why it is long: it is the one owner of checkpoint files, reading, writing and
+pruning them; each of those reads what a checkpoint holds by the same helpers (checkpoint_step, readable_checkpoints)."""
 
 from __future__ import annotations
 
@@ -217,3 +219,37 @@ class _Writes:
         except OSError as exc:  # a buffered write meets the full disk here (another process filled it meanwhile)
             self.error = self.error or exc
             raise
+
+
+def saved_entries(path: str | Path, *keys: str) -> dict:
+    """Some top-level entries of a checkpoint, read memory-mapped (its weights are not read); {} if unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - resume_from chose a readable one; a caller asking of any other gets nothing
+        return {}
+    return {k: ckpt[k] for k in keys if k in ckpt}
+
+
+def prune_untracked(resumed: str | Path) -> list[Path]:
+    """Checkpoints in `resumed`'s folder that the run it resumes no longer keeps: whole files, no newer than it,
+    that its ModelCheckpoint's top-k (save_top_k) does not hold. An attempt killed after saving a new best but
+    before last.ckpt, or resumed from an older checkpoint, leaves them; without this they pile up past save_top_k.
+    Returns the files removed."""
+    resumed = Path(resumed)
+    states = [s for s in saved_entries(resumed, "callbacks").get("callbacks", {}).values()
+              if isinstance(s, dict) and "best_k_models" in s]
+    if len(states) != 1:  # no ModelCheckpoint, or several whose files cannot be told apart: nothing is removed
+        return []
+    state = states[0]
+    kept = {Path(str(p)).name for p in [*state["best_k_models"], state.get("best_model_path"),
+                                         state.get("last_model_path")] if p}
+    step = checkpoint_step(resumed)
+    removed = []
+    for path in sorted(resumed.parent.glob("*.ckpt")):
+        if path.name in kept or path.name in ("last.ckpt", resumed.name):
+            continue
+        other = checkpoint_step(path)
+        if other is not None and step is not None and other <= step:
+            path.unlink()
+            removed.append(path)
+    return removed

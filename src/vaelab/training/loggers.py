@@ -1,11 +1,13 @@
 """A run's experiment loggers and its W&B run's life cycle (RunLoggers): a resumed run continues its W&B run, and
-every run ends its W&B run once, whatever ended the run. metrics.csv appends on a resume (AppendingCSVLogger).
+every run ends its W&B run once, whatever ended the run. metrics.csv appends on a resume (AppendingCSVLogger), from
+the row its checkpoint was saved at (training/log_rows.py).
 W&B's own pieces (its mode, the logger, offline artifacts) are wandb_runs.py."""
 
 from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from vaelab.console import say
 from vaelab.files import atomic_write
+from vaelab.training.log_rows import continue_wandb, own, rewind_files
 from vaelab.training.wandb_runs import (  # noqa: F401 - wandb_logger, resolve_wandb_mode: their earlier home
+    RowCountingWandbLogger,
     define_metrics,
     log_checkpoints_offline,
     resolve_wandb_mode,
@@ -38,8 +42,14 @@ class AppendingWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
-        header = path.open().readline().strip() if path.is_file() else ""
-        self.metrics_keys = header.split(",") if header else []
+        lines = list(csv.reader(path.open(newline=""))) if path.is_file() else []
+        self.metrics_keys = lines[0] if lines else []
+        self.rows = max(0, len(lines) - 1)  # rows in the file (training/log_rows.py keeps them in checkpoints)
+
+    def save(self) -> None:
+        buffered = len(self.metrics)
+        super().save()
+        self.rows += buffered
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as file:
@@ -72,6 +82,16 @@ class RunLoggers:
         self.tensorboard = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
         self.run_config: dict = {}
         self.started = False  # whether start() began the W&B runs (rank 0 only: other DDP ranks hold none)
+        self.resumed: dict = {}  # where the checkpoint this run resumes from left each history (log_rows.py)
+
+    def rewind(self, where: dict, wandb_run_id: str | None, any_run: bool = False) -> None:
+        """Before any logger opens its files: put metrics.csv and TensorBoard's event files back to where the
+        checkpoint to resume from left them (when they are this run's own; any_run: positions naming no run, such
+        as EMPTY_HISTORIES, are); W&B follows in start()."""
+        csv_file = next((Path(lg.log_dir) / "metrics.csv" for lg in self.loggers if isinstance(lg, AppendingCSVLogger)), None)
+        board = next((Path(lg.log_dir) for lg in self.tensorboard), None)
+        self.resumed = own(where, csv_file, board, wandb_run_id, any_run)
+        rewind_files(self.resumed)
 
     def start(self, run_config: dict, **extra) -> str | None:
         """Log the run's config to W&B as it is (the composed Hydra config, resolved), with vaelab's own facts
@@ -88,6 +108,8 @@ class RunLoggers:
                 define_metrics(lg.experiment)
                 run_id = lg.experiment.id
                 say_wandb_run(lg)
+                if isinstance(lg, RowCountingWandbLogger) and (lost := continue_wandb(lg, self.resumed)):
+                    say(lost)
         return run_id
 
     def log_results(self, row: dict) -> None:
@@ -131,6 +153,10 @@ class RunLoggers:
         self.started = False  # ended once
         if not started:
             return
+        for lg in self.wandb:  # a stacked member's own console lines (its train.log), where W&B shows a run's logs
+            own_lines = getattr(lg, "vaelab_console_log", None)
+            if own_lines is not None and Path(own_lines).is_file() and getattr(lg.experiment, "dir", None):
+                shutil.copyfile(own_lines, Path(lg.experiment.dir) / "output.log")
         timeout = getattr(self.wandb[0], "vaelab_finish_timeout", 60.0)
         run_dir = wandb_run_dir(self.wandb[0])
         ended = threading.Thread(target=lambda: [run.finish(exit_code=exit_code) for run in started], daemon=True)

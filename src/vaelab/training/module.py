@@ -22,7 +22,7 @@ from vaelab.training.engine import CudaGraphEngine, StepEngine
 from vaelab.training.execution import count_optimizer_steps, plan_execution, steps_per_epoch
 from vaelab.training.optim import build_optimizer
 from vaelab.training.recipe import TrainingRecipe
-from vaelab.training.run_state import restore_run_state, save_run_state
+from vaelab.training.run_state import TrainTime, restore_run_state, save_run_state
 from vaelab.training.stack_member import StackedEngine, current_member, update_metrics
 from vaelab.training.step_records import StepCurves
 
@@ -49,6 +49,7 @@ class VAEModule(L.LightningModule):
         self.restored_metrics: dict[str, float] = {}  # the metrics logged before the checkpoint a fit resumed from
         self.training_finished = False  # set in the checkpoint saved once training has ended (Preemption)
         self.curves = StepCurves()
+        self.train_time = TrainTime()  # kept in checkpoints: a resumed run's time goes on from its checkpoint's
         self.train_means = ElboMeans(len(model.latent_dims))
         self.train_means.persistent(True)  # a run resumed mid-epoch keeps the epoch's sums
         self.val_metrics = EvalMetrics(model.latent_dims, model.num_pixels)
@@ -117,6 +118,7 @@ class VAEModule(L.LightningModule):
 
     # -- epochs, validation, test ------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self.train_time.start()
         # Lightning keeps no logged metric in a checkpoint: a resumed fit starts with those logged before its
         # checkpoint, as the uninterrupted run has them (ModelCheckpoint's and EarlyStopping's monitor, after a
         # stop saved between an epoch's validation and its end; results.json after a stop in the test phase)
@@ -141,7 +143,7 @@ class VAEModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.raise_if_nonfinite()
         self.curves.flush(self.loggers, wait=True)
-        self.log_dict({f"train/{k}": v for k, v in self.train_means.compute().items()})
+        self.log_dict({f"train/{k}": v for k, v in self.train_means.compute_restored().items()})
         self.train_means.reset()
         if self.global_step > 0:
             self.log("train/beta", float(self.beta(self.global_step - 1)))
@@ -152,6 +154,9 @@ class VAEModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.curves.flush(self.loggers, wait=True)
+
+    def on_fit_end(self) -> None:
+        self.train_time.stop()
 
     def leave_stack(self) -> None:
         """A member of a stacked sweep leaves its stack when its training ends, however it ends (fit.py calls it)."""

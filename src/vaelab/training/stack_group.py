@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, vmap
 
+from vaelab.console import plural
 from vaelab.models.build import build_from_spec
 from vaelab.training.engine import StepStats
 from vaelab.training.stack import HYPER, Stack
@@ -209,7 +210,7 @@ class StackGroup:
                           "noise": zeros(self.n, steps, batch, sum(template.latent_dims)), "weight": zeros(self.n, steps),
                           "hyper": torch.zeros(self.n, len(HYPER)),  # on the host, filled there: moved once a round
                           "step_rows": zeros(self.n, steps, len(template.latent_dims) + 2)}
-            log.info("stacked: %d members of %s, %s, on %s", self.n, type(template).__name__,
+            log.info("stacked: %s of %s, %s, on %s", plural(self.n, "member"), type(template).__name__,
                      f"{sum(p.numel() for p in template.parameters()):,} parameters each", self.device)
         stack = self.stack
         with torch.no_grad():

@@ -27,6 +27,9 @@ FACT_KEYS = (*SHAPE_KEYS, "optim.amsgrad", "optim.maximize")
 Facts = dict[str, Any]
 
 
+UNBUILT = "its data or model could not be built here"  # why a job runs alone that its own run will fail in one line
+
+
 @dataclass
 class Group:
     jobs: list[int]
@@ -105,7 +108,7 @@ def split_notes(groups: list[Group]) -> list[str]:
     if not notes and len(stackable) > 1:  # the same configs built different models (a value resolved at build time)
         notes.append("stacked launcher: the built models differ between jobs: one stack for each")
     for g in groups:
-        if g.alone:
+        if g.alone and not g.alone.startswith(UNBUILT):  # one that cannot be built says its own error, in one line
             notes.append(f"stacked launcher: job {', '.join(map(str, g.jobs))} runs alone: {g.alone}")
     return notes
 

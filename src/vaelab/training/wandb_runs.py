@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from vaelab.checks import one_of, positive
 from vaelab.console import say
@@ -84,9 +85,12 @@ def wandb_logger(
     run_id: str | None = None,
     network_timeout: float = 5.0,
     finish_timeout: float = 60.0,
+    flush_interval: float = 0.25,
+    console: str = "auto",
 ) -> WandbLogger:
-    """Lightning's WandbLogger, writing under the run directory, in the mode `resolve_wandb_mode` picks (waiting at
-    most `network_timeout` seconds for the W&B server)."""
+    """Lightning's WandbLogger (RowCountingWandbLogger), writing under the run directory, in the mode
+    `resolve_wandb_mode` picks (waiting at most `network_timeout` seconds for the W&B server). W&B writes its local
+    log every `flush_interval` seconds (its own default is 15): what it holds when its process is killed outright."""
     import wandb
 
     resolved = resolve_wandb_mode(mode, network_timeout)
@@ -94,7 +98,7 @@ def wandb_logger(
     # its info lines off (WANDB_SHOW_INFO, unless set), vaelab says where the run is (RunLoggers.start)
     os.environ.setdefault("WANDB_SHOW_INFO", "false")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(
+    logger = RowCountingWandbLogger(
         save_dir=save_dir, project=project, group=group, name=name, tags=list(tags or []), job_type=job_type,
         notes=notes, offline=resolved == "offline", mode=resolved, id=run_id, resume="allow" if run_id else None,
         # Lightning uploads checkpoints only online; offline, vaelab logs them itself at the end of the run
@@ -102,7 +106,8 @@ def wandb_logger(
         # no run history and summary at exit, and none of W&B's info lines (its start lines end with an
         # advertisement): vaelab says where the W&B run is and how to upload it (RunLoggers.start, print_summary);
         # W&B's warnings and errors stay
-        settings=wandb.Settings(quiet=True, show_info=False),
+        settings=wandb.Settings(quiet=True, show_info=False, x_transaction_log_flush_interval=flush_interval,
+                                console=console),
         # each run is its own W&B run, also where several share a process (a stacked sweep's members): none is
         # wandb.run, so none finishes or logs into another
         reinit="create_new",
@@ -118,7 +123,29 @@ def wandb_logger(
 
 wandb_logger.ARGS = {"mode": one_of("logger.wandb.mode", "auto", "online", "offline", "disabled"),
                      "network_timeout": positive("logger.wandb.network_timeout"),
-                     "finish_timeout": positive("logger.wandb.finish_timeout")}
+                     "finish_timeout": positive("logger.wandb.finish_timeout"),
+                     "flush_interval": positive("logger.wandb.flush_interval"),
+                     "console": one_of("logger.wandb.console", "auto", "off", "wrap", "redirect")}
+
+
+class RowCountingWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, numbering the history rows it logs (every row goes through log_metrics: images and
+    tables too). A resumed run starts at the row its checkpoint was saved at; the rows its W&B run already holds
+    from before the stop (`held`) are logged again by the resumed run, identically, and not sent twice."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows = 0  # the index of the next history row
+        self.held = 0  # rows below this the W&B run holds already
+        self.sent = 0  # rows this start of the run sent to W&B
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        send = self.rows >= self.held
+        self.rows += 1
+        if send:
+            self.sent += 1
+            super().log_metrics(metrics, step)
 
 
 def log_checkpoints_offline(logger: WandbLogger, checkpoint_callback) -> None:

@@ -58,6 +58,17 @@ class ImageGrids(L.Callback):
         self.num_samples, self.num_reconstructions, self.seed = num_samples, num_reconstructions, seed
         self._drawn: tuple[int, dict[str, Path]] | None = None  # (global step, PNGs) of the last drawing
 
+    def state_dict(self) -> dict:
+        """The last drawing (its step and PNGs), kept in checkpoints: a run resumed after it copies its final grids
+        from it as the whole run does, rather than drawing and logging them again."""
+        if self._drawn is None:
+            return {}
+        return {"drawn_step": self._drawn[0], "drawn": {k: str(v) for k, v in self._drawn[1].items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "drawn_step" in state and all(Path(p).is_file() for p in state["drawn"].values()):
+            self._drawn = (int(state["drawn_step"]), {k: Path(v) for k, v in state["drawn"].items()})
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
