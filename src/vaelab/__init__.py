@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "VAE": "vaelab.models", "HierarchicalVAE": "vaelab.models", "StandardNormal": "vaelab.models",
     "VampPrior": "vaelab.models", "Bernoulli": "vaelab.models", "Gaussian": "vaelab.models",
+    "DiscretizedLogistic": "vaelab.models", "DiscretizedMixtureOfLogistics": "vaelab.models",
+    "DiscretizedGaussian": "vaelab.models", "ContinuousBernoulli": "vaelab.models",
     "VAEModule": "vaelab.training.module", "TrainingRecipe": "vaelab.training.recipe", "Loss": "vaelab.training.objective",
     "ImageDataModule": "vaelab.data", "load_model": "vaelab.training.checkpoints",
     "EvalMetrics": "vaelab.evaluation.metrics", "evaluate": "vaelab.evaluation.metrics",

@@ -19,6 +19,7 @@ from vaelab.cli.rundirs import RESUME
 from vaelab.data import SOURCES
 from vaelab.devices import MATMUL_PRECISION
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
+from vaelab.pixels import pixel_values
 from vaelab.training.checkpoints import load_checkpoint, model_of, model_spec
 from vaelab.training.objective import Loss
 from vaelab.training.optim import OPTIM_ARGS, SCHEDULER_OPTIONS
@@ -102,19 +103,21 @@ def validate(cfg: DictConfig) -> None:
     _VALIDATED.add(key)
 
 
-def check_consistency(cfg: DictConfig, binary: bool, channels: int | None = None) -> None:
-    """Checks across config groups: the likelihood must fit the data (`channels`: its images', if known)."""
+def check_consistency(cfg: DictConfig, binary: bool, channels: int | None = None) -> str:
+    """Checks across config groups: the likelihood must fit the data (`channels`: its images', if known). Returns
+    the pixel values the likelihood is given (vaelab/pixels.py)."""
     lik = cfg.likelihood.get("name", "")
-    if lik == "gaussian" and binary:
-        raise ConfigError(
-            f"likelihood=gaussian does not fit binarised data (data.binarize={cfg.data.binarize}); "
-            "use likelihood=bernoulli, or data.binarize=none for grey-scale images"
-        )
+    try:
+        models = getattr(get_object(cfg.likelihood._target_), "pixels", "continuous")
+    except Exception:  # noqa: BLE001 - a target that does not import: instantiate says so
+        models = "continuous"
+    pixels = pixel_values(models, binary, lik)
     source = SOURCES.get(cfg.data.name)
     channels = channels or (source.channels if source is not None else None)
     if lik == "bernoulli" and not binary and (channels or 1) > 1:
         raise ConfigError(f"likelihood=bernoulli does not fit colour images (data={cfg.data.name}); "
-                          "use likelihood=gaussian")
+                          "use likelihood=dmol or discretized_logistic (8-bit pixel values)")
+    return pixels
 
 
 def build(node: DictConfig, **kwargs):
@@ -187,7 +190,9 @@ def restore(ckpt_path: str | Path, data_overrides: dict | None = None):
     data_cfg = OmegaConf.merge(data_cfg, {k: v for k, v in (data_overrides or {}).items() if v is not None})
     datamodule = build(data_cfg)
     datamodule.setup("test")
-    return {**labels, "data": data_cfg.name}, datamodule, model_of(ckpt, ckpt_path)
+    model = model_of(ckpt, ckpt_path)
+    datamodule.use_pixels(pixel_values(model.likelihood.pixels, datamodule.is_binary, labels.get("likelihood", "")))
+    return {**labels, "data": data_cfg.name, "pixels": datamodule.pixels}, datamodule, model
 
 
 def refuse_unknown_keys(cfg: DictConfig, app: str, config_file: Path) -> None:

@@ -16,6 +16,7 @@ from vaelab.cli.config import CONF_DIR, check_keys, refuse_unknown_keys, restore
 from vaelab.devices import MATMUL_PRECISION, matmul_precision, pick_device
 from vaelab.errors import run_or_explain
 from vaelab.evaluation.metrics import IMPORTANCE_ARGS, evaluate
+from vaelab.pixels import MEANING
 
 # conf/eval.yaml's keys with rules of their own; the importance sampler's are its own rules
 EVAL_ARGS: dict[str, Arg] = {
@@ -41,7 +42,7 @@ def run(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision(matmul_precision(cfg.get("matmul_precision", "auto"), device.type))
     t0 = time.perf_counter()
     metrics = evaluate(model, loader, int(cfg.importance_samples), cfg.points_per_pass, device,
-                       seed=int(cfg.importance_seed))
+                       seed=int(cfg.importance_seed), pixels=saved["pixels"])
     results = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         **saved, "split": cfg.split, "num_images": len(loader.dataset),
@@ -57,6 +58,7 @@ def run(cfg: DictConfig) -> dict:
           f"({results['num_images']} images, K={cfg.importance_samples}, {results['time_s']:.0f} s)")
     for key, value in metrics.items():
         print(f"  {key:<18} {value:.4f}")
+    print(f"  pixels             {saved['pixels']}: {MEANING[saved['pixels']]}")
     print(f"  results            {out}")
     return results
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from vaelab.cli.rundirs import RunState, save_json
 from vaelab.console import plural, say
 from vaelab.errors import SaveError, VaelabError
+from vaelab.pixels import MEANING
 from vaelab.training.callbacks import Preempted
 from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
 
@@ -31,6 +32,9 @@ def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state:
         "likelihood": cfg.likelihood.get("name", ""),
         "data": cfg.data.name,
         "binarize": cfg.data.binarize,
+        # what the likelihood was given, and so what test/nll and test/bpd are (vaelab/pixels.py)
+        "pixels": (pixels := getattr(trainer.datamodule, "pixels", None)),
+        "bpd_means": MEANING.get(pixels),
         "seed": cfg.seed,
         "tags": list(cfg.get("tags", [])),
         "epochs": trainer.current_epoch,
@@ -93,6 +97,8 @@ def print_summary(results: dict, out_dir: Path, wandb_dir: Path | None) -> None:
     lines = [f"\nvaelab: {results['model']} / {results['prior']} prior / {results['likelihood']} on "
              f"{results['data']} ({results['binarize']}), {done}"]
     lines += [f"  {key:<18} {value:.4f}" for key, value in results["metrics"].items() if key.startswith("test/")]
+    if results.get("bpd_means"):
+        lines.append(f"  pixels             {results['pixels']}: {results['bpd_means']}")
     lines.append(f"  run directory      {out_dir}")
     if any((out_dir / "samples").glob("*.png")):  # none with callbacks=none (no image grids callback)
         lines.append(f"  sample grids       {out_dir / 'samples'}")

@@ -180,7 +180,7 @@ def build_data_and_model(cfg: DictConfig, ckpt_path: str | None):
     datamodule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    check_consistency(cfg, datamodule.is_binary, datamodule.image_shape[0])
+    datamodule.use_pixels(check_consistency(cfg, datamodule.is_binary, datamodule.image_shape[0]))
     model = build_model(cfg, datamodule.image_shape)
     if cfg.prior.get("init") == "data" and hasattr(model.prior, "init_from_data") and not ckpt_path:
         model.prior.init_from_data(datamodule.train_images())

@@ -42,11 +42,13 @@ class InMemoryLoader:
     """
 
     def __init__(self, dataset: InMemoryImages, batch_size: int, shuffle: bool = False,
-                 dynamic_binarize: bool = False, seed: int = 0, with_index: bool = False,
+                 dynamic_binarize: bool = False, seed: int = 0, with_index: bool = False, dequantize: bool = False,
                  rank: int = 0, world_size: int = 1, epoch_fn=None, position_fn=None,
                  steps_per_execution: int | None = None, indices_on: torch.device | None = None) -> None:
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.dynamic_binarize, self.seed, self.with_index = dynamic_binarize, seed, with_index
+        # a fresh draw per training batch: binarised pixels, or 8-bit ones dequantised (vaelab/pixels.py)
+        self.draw = bernoulli_draw if dynamic_binarize else dequantize_draw if dequantize else None
         self.rank, self.world_size = rank, world_size
         self.epoch_fn = epoch_fn or (lambda: 0)
         self.position_fn = position_fn  # items (batches or executions) of this epoch consumed, as the trainer counts
@@ -81,9 +83,9 @@ class InMemoryLoader:
 
     def _batch(self, indices: Tensor, epoch: int, b: int) -> Tensor:
         x = self.dataset.__getitems__(indices[b * self.batch_size : (b + 1) * self.batch_size])
-        if self.dynamic_binarize:  # a fresh draw per batch, reproducible from (seed, epoch, batch)
+        if self.draw is not None:  # a fresh draw per batch, reproducible from (seed, epoch, batch)
             g = torch.Generator(device=x.device).manual_seed(((self.seed * 100_003 + epoch) * 1_000_003 + b) % 2**63)
-            x = bernoulli_draw(x, g)
+            x = self.draw(x, g)
         return x
 
     def __iter__(self):
@@ -127,6 +129,18 @@ def bernoulli_draw(p: Tensor, generator: torch.Generator | None = None) -> Tenso
     On a CPU this gives, draw for draw, the values torch.bernoulli gives with the same generator (it compares
     the same uniforms, one element at a time), at a fraction of its cost (README, Speed)."""
     return torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device).lt_(p)
+
+
+def dequantize_draw(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """8-bit images, as their values k/255, dequantised: (k + u) / 256 with u ~ U[0, 1) per pixel (vaelab/pixels.py)."""
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return torch.round(x * 255.0).add_(u).div_(256.0)
+
+
+def dequantize_once(x: Tensor, seed: int) -> Tensor:
+    """uint8 images -> one fixed dequantisation (validation and test sets): floats (k + u) / 256."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return dequantize_draw(x.float() / 255.0 if x.dtype == torch.uint8 else x, generator)
 
 
 def binarize_once(x: Tensor, seed: int) -> Tensor:

@@ -16,7 +16,14 @@ from torch import Tensor
 from vaelab.checks import Arg, check_args, one_of, positive_int
 from vaelab.console import say
 from vaelab.data.batches import ExecutionPlan
-from vaelab.data.loader import InMemoryImages, InMemoryLoader, bernoulli_draw, binarize_once
+from vaelab.data.loader import (
+    InMemoryImages,
+    InMemoryLoader,
+    bernoulli_draw,
+    binarize_once,
+    dequantize_draw,
+    dequantize_once,
+)
 from vaelab.data.own import array_images, folder_images
 from vaelab.data.sources import SOURCES, Source, load_images, synthetic_images
 from vaelab.errors import ConfigError
@@ -114,6 +121,8 @@ class ImageDataModule(L.LightningDataModule):
         self.image_shape: tuple[int, int, int] | None = self.source.image_shape
         self.train_set = self.val_set = self.test_set = None
         self.execution_plan: ExecutionPlan | None = None  # handed over by the training module (use_execution_plan)
+        self.pixels: str | None = None  # what the likelihood is given (use_pixels; vaelab/pixels.py)
+        self._dequantized = False
 
     def find_image_shape(self) -> tuple[int, int, int]:
         """[C, H, W] of the images: the registry's, or read from the user's images (data=folder, arrays)."""
@@ -141,9 +150,23 @@ class ImageDataModule(L.LightningDataModule):
             return synthetic_images(n + int(extra), 1), synthetic_images(n, 2)
         return load_images(self.name, self.root, self.download)
 
+    def use_pixels(self, pixels: str) -> None:
+        """The pixel values the model's likelihood is given (vaelab/pixels.py), as the app decides them once the
+        model is built: "dequantized" dequantises the validation and test sets once (fixed seeds) and each training
+        batch afresh, as binarize=dynamic binarises them."""
+        self.pixels = pixels
+        self._dequantize_eval_sets()
+
+    def _dequantize_eval_sets(self) -> None:
+        if self.pixels == "dequantized" and not self._dequantized and self.val_set is not None:
+            self.val_set = InMemoryImages(dequantize_once(self.val_set.images, self.split_seed + 2))
+            self.test_set = InMemoryImages(dequantize_once(self.test_set.images, self.split_seed + 3))
+            self._dequantized = True  # new sets: a split other members share (a stacked sweep's) is not touched
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self._build()
+            self._dequantize_eval_sets()
         if stage in (None, "fit") and self.batch_size > len(self.train_set):  # (evaluation needs no training batch)
             raise ConfigError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training images; "
@@ -237,6 +260,7 @@ class ImageDataModule(L.LightningDataModule):
         overfit = trainer is not None and trainer.overfit_batches > 0
         return InMemoryLoader(
             self.train_set, self.batch_size, shuffle=not overfit, dynamic_binarize=self.binarize == "dynamic",
+            dequantize=self.pixels == "dequantized",
             seed=self.seed, rank=rank, world_size=world,
             epoch_fn=(lambda: trainer.current_epoch) if trainer and not overfit else None,
             position_fn=(lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready) if trainer else None,
@@ -244,10 +268,12 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_batch(self, indices: Tensor) -> Tensor:
-        """Training images at these indices, as floats, binarised afresh (default generator) when
-        binarize=dynamic: what the step engine cuts on the device, inside a CUDA graph too."""
+        """Training images at these indices, as floats, binarised (binarize=dynamic) or dequantised afresh (default
+        generator): what the step engine cuts on the device, inside a CUDA graph too."""
         x = self.train_set.__getitems__(indices)
-        return bernoulli_draw(x) if self.binarize == "dynamic" else x
+        if self.binarize == "dynamic":
+            return bernoulli_draw(x)
+        return dequantize_draw(x) if self.pixels == "dequantized" else x
 
     def val_dataloader(self) -> InMemoryLoader:
         rank, world = self._distributed()

@@ -1,6 +1,8 @@
 """Test and validation metrics, kept as summed torchmetrics states so they are right on one process and on
 many (DDP): -ELBO's terms, the importance-sampled NLL, active units and bits/dim, as one bundle (`EvalMetrics`)
-that training and vaelab-eval alike update and compute. A new metric is added here, once."""
+that training and vaelab-eval alike update and compute. A new metric is added here, once. Why it is long: it is
+every metric's one definition (ELBO terms, the importance-sampled NLL and its error, bits/dim, active units) and
+the bundle that computes them all; split, each stage would assemble them again."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torchmetrics import Metric
 
 from vaelab.checks import Arg, check_args, positive_int
 from vaelab.evaluation.noise import counter_normal
+from vaelab.pixels import has_bpd, nll_offset
 
 # (sample, image) pairs per decoder pass with points_per_pass="auto": on a CPU larger passes gain nothing; on a
 # GPU small passes leave it launch-bound (README, Speed), and 200,000 points of a 784-pixel MLP decoder take
@@ -69,6 +72,7 @@ class ElboMeans(Metric):
         self.num_layers = num_layers
         self.add_state("total", default=torch.zeros(1 + num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.offset = 0.0  # nats added to the reconstruction term: D ln 256 on dequantised pixels (pixels.py)
 
     def update(self, recon: Tensor, kl_layers: Tensor, count: int | None = None) -> None:
         """recon: [B]; kl_layers: [L, B], one value per example. With `count`, they are instead sums over
@@ -85,7 +89,7 @@ class ElboMeans(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         mean = (self.total / self.count).float()
-        recon, kl_layers = mean[0], mean[1:]
+        recon, kl_layers = mean[0] + self.offset, mean[1:]
         kl = kl_layers.sum()
         out = {"loss": recon + kl, "elbo": -(recon + kl), "recon": recon, "kl": kl}
         if self.num_layers > 1:
@@ -160,7 +164,8 @@ class ActiveUnits(Metric):
 
 
 def bits_per_dim(nll_nats: Tensor | float, num_dims: int) -> Tensor | float:
-    """nats per example -> bits per dimension."""
+    """nats per example -> bits per dimension: -log2 P(x) / D, when nll_nats is -ln P(x) of the discrete images
+    (vaelab/pixels.py says which NLLs are)."""
     return nll_nats / (num_dims * math.log(2.0))
 
 
@@ -168,7 +173,9 @@ class EvalMetrics(nn.Module):
     """Every metric of an evaluation pass, as one bundle: the means of -ELBO's terms ({stage}/loss, /elbo, /recon,
     /kl, /kl_l), active units ({stage}/active_units, /active_units_l) and, with `importance_samples`, the
     importance-sampled NLL ({stage}/nll, /nll_mc_se) and bits/dim ({stage}/bpd). Validation, test and vaelab-eval
-    all use it, so each metric is defined once."""
+    all use it, so each metric is defined once. `pixels` (vaelab/pixels.py) says what the NLL is of: for a
+    density on dequantised 8-bit pixels, D ln 256 is added (the bound on the 8-bit images' NLL); on grey pixels
+    under a Bernoulli (not a likelihood) no bits/dim is reported."""
 
     def __init__(self, latent_dims: list[int], num_pixels: int, importance_samples: int | None = None,
                  points_per_pass: int | str = "auto", seed: int = 0) -> None:
@@ -177,9 +184,21 @@ class EvalMetrics(nn.Module):
             check_args(IMPORTANCE_ARGS, {"importance_samples": importance_samples, "points_per_pass": points_per_pass})
         self.num_pixels, self.importance_samples, self.dim = num_pixels, importance_samples, sum(latent_dims)
         self.points_per_pass, self.seed = points_per_pass, seed
+        self._pixels = "binary"
         self.means = ElboMeans(len(latent_dims))
         self.active = nn.ModuleList(ActiveUnits(d) for d in latent_dims)
         self.nll = ImportanceSampledNLL() if importance_samples is not None else None
+
+    @property
+    def pixels(self) -> str:
+        """What the images are (vaelab/pixels.py), set by VAEModule and evaluate() from the data: every figure in
+        nats per image is then of the 8-bit images (a density's -ELBO and NLL + D ln 256)."""
+        return self._pixels
+
+    @pixels.setter
+    def pixels(self, value: str) -> None:
+        self._pixels = value
+        self.means.offset = nll_offset(value, self.num_pixels)
 
     @torch.no_grad()
     def update(self, model, x: Tensor, index: Tensor | None = None) -> None:
@@ -209,9 +228,10 @@ class EvalMetrics(nn.Module):
     def compute(self, stage: str) -> dict[str, Tensor]:
         out = {f"{stage}/{k}": v for k, v in self.means.compute().items()}
         if self.nll is not None:
-            nll = self.nll.compute()
-            out.update({f"{stage}/nll": nll, f"{stage}/nll_mc_se": self.nll.standard_error(),
-                        f"{stage}/bpd": bits_per_dim(nll, self.num_pixels)})
+            nll = self.nll.compute() + nll_offset(self.pixels, self.num_pixels)
+            out.update({f"{stage}/nll": nll, f"{stage}/nll_mc_se": self.nll.standard_error()})
+            if has_bpd(self.pixels):
+                out[f"{stage}/bpd"] = bits_per_dim(nll, self.num_pixels)
         counts = [m.compute() for m in self.active]
         out[f"{stage}/active_units"] = torch.as_tensor(sum(counts), dtype=torch.float32)
         if len(counts) > 1:
@@ -224,11 +244,13 @@ class EvalMetrics(nn.Module):
 
 
 def evaluate(model, loader, importance_samples: int, points_per_pass: int | str, device: torch.device,
-             seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """Every test metric of `model` over a loader of images or (images, indices), as plain floats."""
+             seed: int = 0, progress: bool = True, pixels: str = "binary") -> dict[str, float]:
+    """Every test metric of `model` over a loader of images or (images, indices), as plain floats; `pixels`: what
+    the images are (vaelab/pixels.py)."""
     from tqdm.auto import tqdm
 
     metrics = EvalMetrics(model.latent_dims, model.num_pixels, importance_samples, points_per_pass, seed).to(device)
+    metrics.pixels = pixels
     model = model.to(device)
     for batch in tqdm(loader, desc=f"test NLL, K={importance_samples}", disable=not progress, unit="batch"):
         x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)

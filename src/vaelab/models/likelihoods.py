@@ -2,6 +2,9 @@
 
 A decoder produces `num_params` channels per image channel; the likelihood reads them.
 log_prob returns one value per example, summed over pixels: [*batch].
+Each says which pixel values it models (`pixels`, vaelab/pixels.py): binary (Bernoulli), or a density on [0, 1]
+(Gaussian, continuous Bernoulli), given dequantised 8-bit images. The likelihoods of the 256 values of 8-bit
+images, each an exact probability mass, are in discrete.py.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class Likelihood(nn.Module):
 
     ARGS: dict[str, Arg] = {}
     num_params: int = 1
+    pixels: str = "continuous"  # the pixel values it models: binary, 8-bit or continuous (vaelab/pixels.py)
     init_args: dict = {}  # the constructor's arguments, for spec()
 
     def spec(self) -> dict:
@@ -42,7 +46,10 @@ class Likelihood(nn.Module):
 
 
 class Bernoulli(Likelihood):
-    """Bernoulli pixels with logits from the decoder; -log p(x|z) is the summed binary cross-entropy. No arguments."""
+    """Bernoulli pixels with logits from the decoder; -log p(x|z) is the summed binary cross-entropy. No arguments.
+    A likelihood of binary pixels: on grey ones BCE is no normalised likelihood (continuous_bernoulli is)."""
+
+    pixels = "binary"
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,3 +117,26 @@ class Gaussian(Likelihood):
     def sample(self, params: Tensor) -> Tensor:
         mean, logvar = self._split(params)
         return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+
+class ContinuousBernoulli(Likelihood):
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019): BCE made a normalised density on [0, 1], for
+    grey pixels, with logits from the decoder (torch.distributions.ContinuousBernoulli). A density: on 8-bit
+    images it is given dequantised pixels, and its bits/dim is the dequantised bound. No arguments."""
+
+    pixels = "continuous"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _dist(self, params: Tensor):
+        return torch.distributions.ContinuousBernoulli(logits=params, validate_args=False)
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        return _sum_pixels(self._dist(params).log_prob(x.expand_as(params)))
+
+    def mean(self, params: Tensor) -> Tensor:
+        return self._dist(params).mean
+
+    def sample(self, params: Tensor) -> Tensor:
+        return self._dist(params).sample()

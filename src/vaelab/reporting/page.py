@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vaelab.console import plural
 from vaelab.files import atomic_write
+from vaelab.pixels import pixels_note
 from vaelab.reporting.figures import curves_figure, nll_figure
 
 
@@ -74,10 +75,11 @@ def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]
                differing: list[str] = ()) -> Path:
     from vaelab import __version__
 
-    head = ["configuration", "seeds", *[h for _, h in columns], "MC s.e.", "parameters", "epochs", "train time (s)"]
+    head = ["configuration", "seeds", "pixels", *[h for _, h in columns], "MC s.e.", "parameters", "epochs",
+            "train time (s)"]
     body = []
     for row in rows:
-        cells = [html.escape(str(row["configuration"])), str(row["finished"])]
+        cells = [html.escape(str(row["configuration"])), str(row["finished"]), html.escape(str(row.get("pixels", "-")))]
         for key, _ in columns:
             mean, std = row.get(key), row.get(key + " std")
             cells.append("" if mean is None else (f"{mean:.2f} ± {std:.2f}" if row["finished"] > 1 else f"{mean:.2f}"))
@@ -85,7 +87,7 @@ def write_page(root: Path, rows: list[dict], runs, columns: list[tuple[str, str]
                   _num(row.get("train time s"), ".0f")]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     table = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body)
-             + "</table>")
+             + "</table>" + (f"<p>{html.escape(note)}</p>" if (note := pixels_note(rows)) else ""))
     failed = [r for r in runs if r.status != "finished"]
     failed_html = "" if not failed else "<h2>Runs that did not finish</h2><ul>" + "".join(
         f"<li><code>{html.escape(str(r.path))}</code> ({html.escape(r.label)}, seed {r.seed}): "

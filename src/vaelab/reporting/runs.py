@@ -169,6 +169,7 @@ def summarise(runs: list[Run]) -> list[dict]:
         row["train time s"], _ = _mean_std([r.results["train_time_s"] for r in done if "train_time_s" in r.results])
         row["nll mc se"], _ = _mean_std([r.metrics["test/nll_mc_se"] for r in done if "test/nll_mc_se" in r.metrics])
         row["epochs"] = done[0].results.get("epochs") if done else None
+        row["pixels"] = (done[0].results.get("pixels") if done else None) or "-"  # which figure is which (pixels.py)
         rows.append(row)
     return rows
 

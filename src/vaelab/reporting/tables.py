@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from vaelab.files import atomic_write
+from vaelab.pixels import pixels_note
 from vaelab.reporting.page import wandb_links
 from vaelab.reporting.runs import COLUMNS, Run
 
@@ -19,16 +20,16 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 
 def markdown(rows: list[dict], runs: list[Run]) -> str:
-    head = ["configuration", "seeds"] + [h for _, h in COLUMNS] + ["parameters", "epochs", "train time (s)"]
+    head = ["configuration", "seeds", "pixels"] + [h for _, h in COLUMNS] + ["parameters", "epochs", "train time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(rows, key=lambda r: (math.isnan(r["test/nll"]), r["test/nll"])):
-        cells = [row["configuration"], f"{row['finished']}/{row['runs']}"]
+        cells = [row["configuration"], f"{row['finished']}/{row['runs']}", row.get("pixels", "-")]
         cells += [_fmt(row[k], row[k + " std"], row["finished"]) for k, _ in COLUMNS]
         cells += [f"{row['parameters']:,}" if row["parameters"] else "-", str(row["epochs"] or "-"),
                   "-" if math.isnan(row["train time s"]) else f"{row['train time s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in runs if r.status != "finished"]
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n\n" + pixels_note(rows)
     if links := wandb_links(runs):
         text += "\n\nW&B runs:\n" + "\n".join(f"- `{r.path}` ({r.label}, seed {r.seed}): {line}" for r, line in links)
     if failed:

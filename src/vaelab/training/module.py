@@ -17,6 +17,7 @@ from torch import Tensor
 from vaelab.data.batches import ExecutionPlan, batch_counts, step_images
 from vaelab.evaluation.metrics import ElboMeans, EvalMetrics
 from vaelab.models.base import VAEBase
+from vaelab.pixels import without_data_module
 from vaelab.training.checkpoints import load_checkpoint, model_of
 from vaelab.training.engine import CudaGraphEngine, StepEngine
 from vaelab.training.execution import count_optimizer_steps, plan_execution, steps_per_epoch
@@ -88,9 +89,7 @@ class VAEModule(L.LightningModule):
 
     def beta(self, step: int | Tensor | None = None) -> float | Tensor:
         """KL weight at optimiser step `step` (default: now): the engine's (objective.Loss.weight over its epochs)."""
-        if self.engine is None:
-            return self.loss.beta
-        return self.engine.weight(self.global_step if step is None else step)
+        return self.loss.beta if self.engine is None else self.engine.weight(self.global_step if step is None else step)
 
     # -- a training step: the engine runs the optimiser steps, the module counts and logs them ----------
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -111,12 +110,17 @@ class VAEModule(L.LightningModule):
 
     # -- NaN and inf: the engine tracks them on the device and checks at intervals; and before anything is saved --
     def raise_if_nonfinite(self) -> None:
-        """One sync: stop with a clear sentence if any step so far had a NaN or infinite loss (the engine's rule).
-        Runs at intervals and before anything is saved (validation, preemption)."""
+        """One sync: a clear sentence if any step had a NaN or infinite loss (the engine's rule); before any save."""
         if self.engine is not None:
             self.engine.raise_if_nonfinite()
 
     # -- epochs, validation, test ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """What the images are (vaelab/pixels.py), from vaelab's data module; else what the likelihood models."""
+        pixels = getattr(self.trainer.datamodule, "pixels", None) or without_data_module(self.model.likelihood.pixels)
+        self.val_metrics.pixels = self.test_metrics.pixels = pixels
+        self.train_means.offset = self.val_metrics.means.offset  # train/ figures in the same nats
+
     def on_fit_start(self) -> None:
         self.train_time.start()
         # Lightning keeps no logged metric in a checkpoint: a resumed fit starts with those logged before its
