@@ -151,7 +151,9 @@ def set_up(cfg: DictConfig, out_dir: Path):
     if skipped and rank_zero_only.rank == 0:
         say(skipped)
     # a start killed before its first checkpoint left only histories: this start begins them again, in its W&B run
-    restart = not ckpt_path and cfg.get("train", True) and not readable_checkpoints(out_dir / "checkpoints")[0]
+    # (not a finished run's: a new run written into its directory keeps its W&B run and rows apart, as before)
+    restart = (not ckpt_path and cfg.get("train", True) and not finished(out_dir)
+               and not readable_checkpoints(out_dir / "checkpoints")[0])
     state = RunState.load(out_dir) if ckpt_path or restart else RunState()
     datamodule, model = build_data_and_model(cfg, ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
