@@ -38,10 +38,12 @@ def fashion_mnist() -> Path:
     return DATA_DIR
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two test workers on two cores: one torch thread each, no oversubscription
-    import torch
+# One torch thread in every test process, set before any torch op: two test workers on two cores do not
+# oversubscribe them, and the app's runs are forks of this process (run_app), which GNU OpenMP's thread pool does
+# not survive (a fork of a process that ran a parallel region hangs in its first one).
+import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+torch.set_num_threads(1)
 
 
 def app_env() -> dict:
@@ -49,15 +51,104 @@ def app_env() -> dict:
                PYTHONUNBUFFERED="1", VAELAB_DATA_DIR=str(DATA_DIR),
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
     env.pop("WANDB_API_KEY", None)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
-def run_app(*args: str, module: str = "vaelab.cli.train", timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would, in a subprocess, from the repo root."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(),
-                          capture_output=True, text=True, timeout=timeout)
+# what a forked start cannot stand in for: launchers and strategies that start Python processes of their own
+# (spawned from the fork, they would import the test worker's __main__), so these run in a fresh interpreter
+NEEDS_FRESH = ("ddp", "hydra/launcher=joblib", "hydra/launcher=slurm", "hydra/launcher=submitit",
+               "hydra.launcher.processes=", "hydra.launcher.n_jobs")
+
+
+def run_app(*args: str, module: str = "vaelab.cli.train", timeout: int = 600, fresh: bool = False
+            ) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would, from the repo root, with the user's environment and arguments: in a
+    fork of this test process (its imports done once: about 5 s less a start than a new interpreter), or, with
+    fresh=True, for what starts processes of its own (NEEDS_FRESH) or under VAELAB_TEST_FRESH=1, in a new
+    `python -m <module>`. Either way its own process: its exit status, stdout and stderr, and signals sent to it."""
+    if fresh or os.environ.get("VAELAB_TEST_FRESH") or any(f in a for a in args for f in NEEDS_FRESH):
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    return _run_in_fork(module, list(args), timeout)
+
+
+def _run_in_fork(module: str, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path, err_path = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        pid = os.fork()
+        if pid == 0:  # the child: the entry point's main() with the user's argv, as the installed script calls it
+            code = 1
+            try:
+                import faulthandler
+
+                hung = open(Path(tmp) / "hung", "w")  # where the run stood, if it is still running at its timeout
+                faulthandler.dump_traceback_later(max(1, timeout - 2), file=hung)
+                code = _child_main(module, args, out_path, err_path)
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                time.sleep(3)  # the child's traceback dump
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                hung = (Path(tmp) / "hung").read_text()[-6000:]
+                raise subprocess.TimeoutExpired([module, *args], timeout, output=hung) from AssertionError(hung)
+            time.sleep(0.02)
+        read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
+        return subprocess.CompletedProcess([module, *args], os.waitstatus_to_exitcode(status), read(out_path),
+                                           read(err_path))
+
+
+def _child_main(module: str, args: list[str], out_path: Path, err_path: Path) -> int:
+    """In the forked child: a process as `python -m module args` would be (environment, working directory, argv,
+    fresh stdout/stderr files, signal handlers and exit handlers of its own), then main()."""
+    import atexit
+    import importlib
+    import io
+    import logging
+    import traceback
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    atexit._clear()  # the test process's exit handlers are not this run's (no public way to drop them)
+    env = app_env()  # from the test process's environment, as subprocess.run(env=app_env()) gives it
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    for fd, path in ((1, out_path), (2, err_path)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    logging.getLogger().handlers[:] = []  # pytest's capture handlers belong to the test process
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    sys.argv = [module, *args]
+    try:
+        importlib.import_module(module).main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - as Python would: the traceback on stderr, status 1
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # the run's own exit handlers (W&B's, Lightning's), as interpreter exit runs them
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
 
 
 def fault(kind: str, name: str = "fault", **args) -> list[str]:
@@ -92,7 +183,7 @@ def train_run(tmp_path, fashion_mnist):
 
     def _run(*overrides: str, expect_ok: bool = True):
         run_dir = tmp_path / "run"
-        proc = run_app(*TINY, f"hydra.run.dir={run_dir}", *overrides)
+        proc = run_app(*TINY, f"hydra.run.dir={run_dir}", *overrides, timeout=600)
         if expect_ok:
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
             return run_dir, json.loads((run_dir / "results.json").read_text()), proc

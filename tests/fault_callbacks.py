@@ -175,14 +175,16 @@ class StopAt(L.Callback):
             where = where[num] if num < len(where) else "never"
         kind, _, at = where.partition(":")
         self.kind, self.at, self.signum, self.sent = kind, int(at) if at else None, signum, False
+        self.module = None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.module = pl_module
 
     def _send(self, kind: str, at: int | None = None) -> None:
         if not self.sent and kind == self.kind and at == self.at:
             self.sent = True
-            from vaelab.training.stack_turns import current_member
-
-            member = current_member()
-            if member is not None:
+            member = getattr(self.module.runner, "member", None) if self.module is not None else None
+            if member is not None:  # a stacked sweep's member: the group flags it, as its signal handler would
                 member.stop(signal.Signals(self.signum).name)
             else:
                 os.kill(os.getpid(), self.signum)

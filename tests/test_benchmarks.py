@@ -14,6 +14,8 @@ SMALL = {
     "data_throughput": ["--batches", "5"],
     "scaling": ["--steps", "1"],
     "sweep_throughput": ["--ns", "1,2", "--steps", "2", "--no-app"],
+    "objectives": ["--seeds", "1", "--subset", "200", "--epochs", "1", "--k", "4", "--test-images", "500",
+                   "--samples", "2", "--steps", "2"],
 }
 
 
@@ -33,6 +35,9 @@ def test_benchmark_runs_and_writes_its_figures(fashion_mnist, tmp_path, name):
             assert r["stacked_img_s"] > 0 and r["sequential_img_s"] > 0 and r["peak_rss_mb"] > 0 and r["device"]
             assert r["host_syncs_per_step"] == 0  # the stacked step never waits for the host
         assert rows[0]["ops_per_step"] == rows[1]["ops_per_step"] > 0  # flat in N
+    if name == "objectives":  # the ELBO and the IWAE bound trained by the app, and their steps timed
+        assert set(rows) == {"elbo", "iwae k=2"} and all(r["seeds"] == 1 for r in rows.values())
+        assert figures["images_per_s"]["iwae k=2"] > 0 and figures["elbo_without_grad_norm"] > 0
     if name == "train_throughput":
         (flow,) = figures["flow_cost"]  # posterior=iaf against the Gaussian, measured in the same run
         assert flow["flow"] == "iaf" and flow["step time ratio"] > 0

@@ -87,7 +87,8 @@ def test_any_optimiser_instantiates_from_its_target_and_loads_back(train_in_proc
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     group = saved["optimizer_states"][0]["param_groups"][0]
     assert group["momentum"] == 0.9 and group["lr"] == 0.01 and "dampening" in group  # SGD's own state
-    assert saved["hyper_parameters"]["recipe"]["loss"] == {"beta": 1.0, "warmup_epochs": 1, "free_bits": 0.5}
+    assert saved["hyper_parameters"]["recipe"]["loss"] == {"beta": 1.0, "warmup_epochs": 1, "free_bits": 0.5,
+                                                           "objective": "elbo", "samples": 1}
     module = VAEModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # still weights-only
     assert isinstance(module.configure_optimizers(), torch.optim.SGD) and module.loss.free_bits == 0.5
     assert res["status"] == "finished"

@@ -19,7 +19,8 @@ def _train(tmp_path, name, *overrides):
     return json.loads((run_dir / "results.json").read_text()), proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("model", ["model=vanilla", "model=deep prior=vamp prior.num_components=50"])
+@pytest.mark.parametrize("model", ["model=vanilla", "model=deep prior=vamp prior.num_components=50",
+                                   "model=deep posterior=iaf loss=iwae loss.samples=3"])
 def test_a_replayed_graph_takes_the_steps_eager_steps_take(tmp_path, model):
     """Static binarisation leaves the reparameterisation noise as the only draw, and a replayed graph draws
     from the same generator positions as eager steps: the two runs must agree to float rounding."""

@@ -49,7 +49,8 @@ def test_only_cli_knows_hydra_and_models_know_no_framework():
             assert "wandb" not in _roots(names) and not any(n.startswith("vaelab.training") for n in names), file
 
 
-LAYERS = ["base", "models", "data", "evaluation", "training", "reporting", "cli"]  # each imports only those before it
+# each imports only those before it: nothing on a solo run's path (training/ and before) imports stacking/
+LAYERS = ["base", "models", "data", "evaluation", "training", "stacking", "reporting", "cli"]
 
 
 def _layer(module: str) -> str:
@@ -153,13 +154,25 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("folder", ["training", "models", "data", "evaluation"])
+@pytest.mark.parametrize("folder", ["training", "stacking", "models", "data", "evaluation"])
 def test_no_module_imports_one_that_imports_it_back(folder):
     """training/: the engine does not call back into the module that drives it; models/: the parts import the
     leaf spec.py, and only build.py knows them all. Package __init__ files, which gather exports, are left out."""
     graph = {m: {d for d in deps if not d.endswith(folder)} for m, deps in _module_imports(folder).items()
              if not m.endswith(folder)}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_launcher_plugin_has_no_import_cycle_and_the_solo_path_no_thread_local():
+    """hydra_plugins: stacked_launcher.py runs _core.py's plan here or _processes.py's processes, and _processes.py
+    runs _core.py's units; _core.py imports neither back. A run learns that it is a stacked member from the runner
+    it is handed (training/runner.py), not from a thread-local."""
+    plugin = ROOT / "src" / "hydra_plugins" / "vaelab_stacked_launcher"
+    mods = {p.stem: imports(p) for p in plugin.glob("*.py")}
+    assert not any("_processes" in n or "stacked_launcher" in n for n in mods["_core"]), mods["_core"]
+    for path in [p for layer in ("training", "models", "data", "evaluation", "cli") for p in (SRC / layer).rglob("*.py")]:
+        text = path.read_text()
+        assert "threading.local" not in text and "current_member" not in text, path.relative_to(SRC)
 
 
 def test_the_engine_is_built_from_plain_arguments_not_from_the_module():
@@ -192,14 +205,16 @@ def test_only_data_decodes_a_training_batch():
 
 
 def test_nobody_reads_the_step_statistics_by_column():
-    """StepStats (training/engine.py) is read by name: recon, kl_layers, objective."""
+    """StepStats (training/step.py, its schema STATS) is read by name: stats.recon, stats["grad_norm"]."""
     found = []
-    for path in _py_files_outside(SRC / "training" / "engine.py"):
+    for path in _py_files_outside(SRC / "training" / "step.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Subscript):
                 target = node.value
                 name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
-                if name in ("stats", "table"):
+                by_name = (isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)) or (
+                    isinstance(node.slice, ast.Name) and node.slice.id == "name")
+                if name in ("stats", "table") and not by_name:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, found
 
@@ -222,8 +237,12 @@ def test_no_module_is_long_without_saying_why_and_each_says_what_it_owns():
 ROOMS = {
     "TrainingRecipe": "training/recipe.py",  # what the module is built from, by the app and by hand alike
     "build_recipe": "cli/config.py",  # the config's recipe: the app's one way in
-    "group_jobs": "training/stack_plan.py",  # the stacked sweep's plan, beside the stack, from plain data
-    "process_count": "training/stack_plan.py",
+    "group_jobs": "stacking/plan.py",  # the stacked sweep's plan, beside the stack, from plain data
+    "process_count": "stacking/plan.py",
+    "step_objective": "training/step.py",  # the one step: eager, CUDA graph and stacked (vmap) all call it
+    "StepStats": "training/step.py",
+    "evaluation_outputs": "evaluation/metrics.py",  # the one evaluation: EvalMetrics and the stacked pass
+    "Loss": "training/objective.py",  # every objective and its settings
     "find_runs": "reporting/runs.py",  # vaelab-report's work: reporting/, Hydra-free
     "write_page": "reporting/page.py",
     "curves_figure": "reporting/figures.py",
@@ -247,7 +266,7 @@ def test_each_responsibility_lives_in_its_room():
         names = imports(path)
         assert not any(n.startswith("matplotlib") for n in names), f"{path.name} draws figures"
     launcher = imports(ROOT / "src" / "hydra_plugins" / "vaelab_stacked_launcher" / "_core.py")
-    assert "vaelab.training.stack_plan" in launcher  # the launcher runs the plan; it does not make one
+    assert "vaelab.stacking.plan" in launcher  # the launcher runs the plan; it does not make one
 
 
 # the private attributes of other libraries that vaelab touches, each where no public way exists: its comment there
@@ -255,7 +274,7 @@ def test_each_responsibility_lives_in_its_room():
 PRIVATE = {
     "_batches_that_stepped": ("training/execution.py", "tests/test_steps_per_execution.py"),  # Lightning's loggers' x-axis
     "_wandb_init": ("training/wandb_runs.py", "tests/test_what_people_see.py"),  # Lightning passes wandb `anonymous`
-    "_opt_called": ("training/stack_member.py", "tests/test_stacked.py"),  # torch: a schedule after a stacked step
+    "_opt_called": ("stacking/member.py", "tests/test_stacked.py"),  # torch: a schedule after a stacked step
     "_return_value": ("../hydra_plugins/vaelab_stacked_launcher/_core.py", "tests/test_stacked.py"),  # Hydra's job error
     "_timeout": ("training/fit.py", "tests/test_scale.py"),  # Lightning's DDP collective timeout, for the sentence
 }
@@ -288,3 +307,62 @@ def test_no_private_attribute_of_another_library_is_touched_but_those_said_and_p
         assert "No public way" in source or "no public way" in source.lower(), file
         assert (ROOT / test).is_file()
     assert "tests/test_steps_per_execution.py pins" in (SRC / "training" / "execution.py").read_text()
+
+
+def _readme_map() -> dict[str, str]:
+    """README's "To add something, edit these files" table: {what: the cell naming the files}."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("To add something, edit these files"):]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith(("| to add", "| ---"))]
+    return {cells[0]: cells[1] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in rows)}
+
+
+def test_readme_map_names_files_that_exist_and_the_places_that_decide():
+    """README's map of where to add a likelihood, prior, model, objective, per-step figure, evaluation figure,
+    launcher setting or data set names real files, and each entry is where that thing is decided: every config
+    of the group targets a class in the named files, an objective's name (iwae) appears in no other source file, a
+    statistic logged as an epoch mean (grad_norm) in none but step.py, and every launcher setting is the launcher's argument and
+    checked by check_settings."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    entries = _readme_map()
+    assert set(entries) == {"a likelihood", "a prior", "a model", "an objective", "a per-step figure",
+                            "an evaluation figure", "a launcher setting", "a data set"}, entries
+    for what, cell in entries.items():
+        for path in re.findall(r"`((?:src|conf)/[^`]+)`", cell):
+            folder = ROOT / path.split("<name>")[0] if "<name>" in path else None
+            assert (folder.is_dir() if folder else (ROOT / path).is_file()), (what, path)
+
+    def targets(group: str) -> set[type]:
+        out = set()
+        for p in (ROOT / "conf" / group).glob("*.yaml"):
+            target = (yaml.safe_load(p.read_text()) or {}).get("_target_")
+            if target:
+                module, _, name = target.rpartition(".")
+                out.add(getattr(importlib.import_module(module), name))
+        return out
+
+    for what, group in (("a likelihood", "likelihood"), ("a prior", "prior"), ("a model", "model")):
+        files = {f"src/{p}" for p in re.findall(r"`src/([^`<]+\.py)`", entries[what])}
+        for cls in targets(group):
+            where = os.path.relpath(inspect.getsourcefile(cls), ROOT)
+            assert where in files or (group == "model" and where.startswith("src/vaelab/models/")), (what, cls, where)
+    from vaelab.training.objective import Loss
+    from vaelab.training.step import STATS
+
+    for choice in set(Loss.ARGS["objective"].choices) - {"elbo"}:  # "elbo" is also a metric's name
+        users = [p.relative_to(SRC) for p in SRC.rglob("*.py") if f'"{choice}"' in p.read_text()]
+        assert users == [Path("training/objective.py")], (choice, users)
+    for stat in [s for s in STATS if s.epoch_mean]:  # recon, kl_layers, objective: also the ELBO's own names
+        users = [p.relative_to(SRC) for p in SRC.rglob("*.py") if f'"{stat.name}"' in p.read_text()]
+        assert users == [Path("training/step.py")], (stat.name, users)
+    from hydra_plugins.vaelab_stacked_launcher._core import check_settings
+    from hydra_plugins.vaelab_stacked_launcher.stacked_launcher import StackedLauncher
+
+    keys = set(yaml.safe_load((ROOT / "conf/hydra/launcher/stacked.yaml").read_text())) - {"_target_"}
+    assert keys == set(inspect.signature(StackedLauncher).parameters), keys
+    checked = inspect.getsource(check_settings)
+    assert all(f"launcher.{k}" in checked for k in keys), keys

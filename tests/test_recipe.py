@@ -22,8 +22,14 @@ def _vae() -> VAE:
     return VAE((1, 8, 8), latent_dim=3, hidden_dim=16, likelihood=Bernoulli(), prior=StandardNormal)
 
 
-def test_the_module_takes_a_model_and_a_recipe_and_nothing_else():
-    assert list(inspect.signature(VAEModule).parameters) == ["model", "recipe"]
+def test_the_module_takes_a_model_a_recipe_and_how_it_runs_and_nothing_else():
+    """The runner (training/runner.py) is decided where a run is set up: alone by default, a stacked member's when
+    the stacked launcher hands one in."""
+    from vaelab.training.runner import Solo
+
+    params = inspect.signature(VAEModule).parameters
+    assert list(params) == ["model", "recipe", "runner"] and params["runner"].default is None
+    assert type(VAEModule(_vae()).runner) is Solo
 
 
 def test_the_app_and_a_script_build_the_same_recipe():

@@ -17,8 +17,8 @@ from conftest import TINY, compose, fault, run_app
 
 from hydra_plugins.vaelab_stacked_launcher._core import built_key, job_facts
 from vaelab.cli.rundirs import sweep_id
+from vaelab.stacking.plan import group_jobs, split
 from vaelab.training.checkpoints import saved_entries
-from vaelab.training.stack_plan import group_jobs, split
 
 SWEEP = ["seed=1,2", "loss.beta=1,0.5"]  # four members: two seeds x two KL weights
 COMMON = [*TINY, "extras.print_config=false"]
@@ -252,9 +252,10 @@ def test_a_stacked_step_is_each_members_solo_step(kind):
 
     from vaelab.models.hvae import HierarchicalVAE
     from vaelab.models.priors import VampPrior
+    from vaelab.stacking.stack import Stack, hyper_row
     from vaelab.training.objective import Loss
     from vaelab.training.optim import AdamNormGrad
-    from vaelab.training.stack import Stack, hyper_row
+    from vaelab.training.step import StepStats
 
     def make():
         return HierarchicalVAE((1, 12, 12), latent_dim=4, hidden_dim=32, prior=functools.partial(VampPrior,
@@ -286,9 +287,10 @@ def test_a_stacked_step_is_each_members_solo_step(kind):
                 torch.nn.utils.clip_grad_norm_(list(m.parameters()), clips[i], foreach=True)
             opts[i].step()
             solo.append(objective.item())
-        hyper = torch.tensor([hyper_row(o.param_groups[0], kind, c, loss.free_bits)
-                              for o, c, loss in zip(opts, clips, losses)])
-        got = stack.train_step(x, noise, weight, hyper, torch.ones(3, dtype=torch.bool))[:, -1].tolist()
+        hyper = torch.tensor([hyper_row(o.param_groups[0], kind, c) for o, c in zip(opts, clips)])
+        free_bits = torch.tensor([loss.free_bits for loss in losses])
+        got = StepStats(stack.train_step(x, noise, weight, free_bits, hyper,
+                                         torch.ones(3, dtype=torch.bool))).objective.tolist()
         assert got == pytest.approx(solo, rel=1e-5)
     for i, m in enumerate(members):
         diffs = torch.cat([(stack.params[n][i] - p.detach()).abs().flatten() for n, p in m.named_parameters()])
@@ -299,7 +301,7 @@ def test_members_left_out_or_diverged_keep_their_weights():
     import torch
 
     from vaelab.models.vae import VAE
-    from vaelab.training.stack import Stack, hyper_row
+    from vaelab.stacking.stack import Stack, hyper_row
 
     torch.manual_seed(0)
     stack = Stack(VAE((1, 8, 8), latent_dim=2, hidden_dim=16), 3, "adam")
@@ -309,8 +311,8 @@ def test_members_left_out_or_diverged_keep_their_weights():
     before = {k: v.clone() for k, v in stack.params.items()}
     x = torch.rand(3, 4, 1, 8, 8).bernoulli()
     x[1, 0, 0, 0, 0] = float("nan")  # member 1's batch is poisoned; member 2 takes no step
-    hyper = torch.tensor([hyper_row({"lr": 1e-2}, "adam", None, 0.0)] * 3)
-    stack.train_step(x, torch.randn(3, 4, 2), torch.ones(3), hyper, torch.tensor([True, True, False]))
+    hyper = torch.tensor([hyper_row({"lr": 1e-2}, "adam", None)] * 3)
+    stack.train_step(x, torch.randn(3, 4, 2), torch.ones(3), torch.zeros(3), hyper, torch.tensor([True, True, False]))
     for name, value in stack.params.items():
         assert torch.equal(value[1], before[name][1]) and torch.equal(value[2], before[name][2]), name
     assert any(not torch.equal(v[0], before[n][0]) for n, v in stack.params.items())
@@ -387,8 +389,8 @@ def test_jobs_whose_built_models_differ_never_share_a_stack(tmp_path, two_shapes
 def test_a_member_that_built_another_model_is_refused_in_one_sentence():
     """The group's own check, behind the grouping: a member whose model, image shape, batch or optimiser differs
     from its stack's is refused, naming both members and what differs, and never joins (no hang)."""
-    from vaelab.training.stack_group import StackGroup
-    from vaelab.training.stack_turns import StackError
+    from vaelab.stacking.group import StackGroup
+    from vaelab.stacking.turns import StackError
 
     def built(shape, batch=50):
         spec = {"_target_": "vaelab.models.vae.VAE", "image_shape": shape}
@@ -401,6 +403,10 @@ def test_a_member_that_built_another_model_is_refused_in_one_sentence():
     assert said.startswith("member 1 (b) cannot join the stack of member 0 (a): its image shape, batch size, model "
                            "differ (image shape 1x32x32 against 1x28x28; batch size 100 against 50)"), said
     assert group._refusal(1, built([1, 28, 28])) is None
+    from vaelab.training.objective import Loss
+
+    iwae = {**built([1, 28, 28]), "loss": Loss(objective="iwae", samples=5)}  # another bound: other noise shapes
+    assert "its objective differ (objective iwae (k=5) against elbo (k=1))" in group._refusal(1, iwae)
     with pytest.raises(StackError, match="cannot join the stack"):
         group.register(1, built([1, 32, 32]), {}, None)
     assert not group.members[1].joined and group.stack is None
@@ -462,7 +468,7 @@ def test_a_stacked_step_dispatches_the_same_ops_at_any_n_and_never_syncs_the_hos
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from vaelab.models.vae import VAE
-    from vaelab.training.stack import Stack, hyper_row
+    from vaelab.stacking.stack import Stack, hyper_row
 
     class Ops(TorchDispatchMode):
         def __init__(self) -> None:
@@ -476,12 +482,13 @@ def test_a_stacked_step_dispatches_the_same_ops_at_any_n_and_never_syncs_the_hos
     counts = {}
     for n, kind in ((2, "adam"), (6, "adam"), (2, "adam_normgrad"), (6, "adam_normgrad")):
         stack = Stack(VAE((1, 8, 8), latent_dim=2, hidden_dim=16), n, kind)
-        hyper = torch.tensor([hyper_row({"lr": 1e-3}, kind, 1.0, 0.0)] * n)
+        hyper = torch.tensor([hyper_row({"lr": 1e-3}, kind, 1.0)] * n)
         active = torch.arange(n) % 2 == 0  # half the members take no step
-        stack.train_step(torch.rand(n, 4, 1, 8, 8).bernoulli(), torch.randn(n, 4, 2), torch.ones(n), hyper, active)
+        stack.train_step(torch.rand(n, 4, 1, 8, 8).bernoulli(), torch.randn(n, 4, 2), torch.ones(n), torch.zeros(n),
+                         hyper, active)
         with Ops() as ops:
-            stack.train_step(torch.rand(n, 4, 1, 8, 8).bernoulli(), torch.randn(n, 4, 2), torch.ones(n), hyper,
-                             active)
+            stack.train_step(torch.rand(n, 4, 1, 8, 8).bernoulli(), torch.randn(n, 4, 2), torch.ones(n),
+                             torch.zeros(n), hyper, active)
         assert not [o for o in ops.names if "_local_scalar_dense" in o], (n, kind)
         counts[n, kind] = len(ops.names)
     assert counts[2, "adam"] == counts[6, "adam"] and counts[2, "adam_normgrad"] == counts[6, "adam_normgrad"], counts
@@ -498,8 +505,8 @@ def test_a_stacked_evaluation_is_each_members_own():
     from vaelab.evaluation.metrics import EvalMetrics
     from vaelab.models.hvae import HierarchicalVAE
     from vaelab.models.priors import VampPrior
-    from vaelab.training.stack_group import StackGroup
-    from vaelab.training.stack_turns import EvalRequest
+    from vaelab.stacking.group import StackGroup
+    from vaelab.stacking.turns import EvalRequest
 
     models = []
     for i in range(3):
@@ -538,7 +545,7 @@ def test_every_gpu_of_a_node_gets_a_process_of_its_own():
     """With G visible GPUs a sweep's stacks spread over G processes, each given its one GPU (CUDA_VISIBLE_DEVICES)
     and cores // G threads, the largest stacks first to the least loaded; on a CPU or one GPU, one process."""
     from vaelab.errors import ConfigError
-    from vaelab.training.stack_plan import Unit, plan, process_count
+    from vaelab.stacking.plan import Unit, plan, process_count
 
     units = [Unit([0, 1, 2], True, "cuda"), Unit([3, 4], True, "cuda"), Unit([5], False, "cuda"),
              Unit([6, 7, 8, 9], True, "cuda")]

@@ -2,7 +2,7 @@
 batch 100, dynamically binarised Fashion-MNIST), trained
 
   bare, one after another   N models, each its own fused-Adam loop (the ceiling of one-after-another)
-  bare, stacked             the N models as one stacked model (vaelab.training.stack: vmap + stacked Adam), the
+  bare, stacked             the N models as one stacked model (vaelab.stacking.stack: vmap + stacked Adam), the
                             ceiling of stacking; with the ATen ops and host syncs one stacked step dispatches
   app, one after another    vaelab-train -m (Hydra's basic launcher: one job after another, in one process)
   app, stacked              vaelab-train -m hydra/launcher=stacked hydra.launcher.stack=true (one process: the
@@ -43,8 +43,8 @@ from common import DATA, save, sync  # noqa: E402
 from vaelab.data import load_images  # noqa: E402
 from vaelab.data.loader import bernoulli_draw  # noqa: E402
 from vaelab.models.vae import VAE  # noqa: E402
+from vaelab.stacking.stack import Stack, hyper_row  # noqa: E402
 from vaelab.training.objective import Loss  # noqa: E402
-from vaelab.training.stack import Stack, hyper_row  # noqa: E402
 
 BATCH = 100
 
@@ -99,8 +99,9 @@ def bare_stacked(data, n: int, steps: int, device) -> tuple[float, int, int]:
         for i, m in enumerate(members):
             for name, p in m.named_parameters():
                 stack.params[name][i].copy_(p)
-    hyper = torch.tensor([hyper_row({"lr": 5e-4}, "adam", None, 0.0)] * n, device=device)
+    hyper = torch.tensor([hyper_row({"lr": 5e-4}, "adam", None)] * n, device=device)
     weight, active = torch.ones(n, device=device), torch.ones(n, dtype=torch.bool, device=device)
+    free_bits = torch.zeros(n, device=device)
     idx = torch.empty(n, BATCH, dtype=torch.long, device=device)
     noise = torch.empty(n, BATCH, 40, device=device)
 
@@ -110,12 +111,12 @@ def bare_stacked(data, n: int, steps: int, device) -> tuple[float, int, int]:
         return bernoulli_draw(data[idx].float().div_(255.0))
 
     def step():
-        stack.train_step(draw(), noise, weight, hyper, active, clip=False, decay=False)
+        stack.train_step(draw(), noise, weight, free_bits, hyper, active, clip=False, decay=False)
 
     rate = n * steps * BATCH / timed(step, steps, device)
     x = draw()
     with OpCount() as ops:
-        stack.train_step(x, noise, weight, hyper, active, clip=False, decay=False)
+        stack.train_step(x, noise, weight, free_bits, hyper, active, clip=False, decay=False)
     return rate, ops.count, ops.syncs
 
 

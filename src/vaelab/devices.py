@@ -9,7 +9,7 @@ import torch
 from vaelab.checks import one_of
 
 # matmul_precision=auto, by device: TF32 ("high") on a GPU trained and evaluated faster at the same test NLL
-# (README, Speed); "highest" keeps fp32 on a CPU.
+# (docs/speed.md); "highest" keeps fp32 on a CPU.
 AUTO_MATMUL_PRECISION = {"cpu": "highest", "cuda": "high"}
 MATMUL_PRECISION = one_of("matmul_precision", "auto", "highest", "high", "medium")
 

@@ -1,12 +1,13 @@
 """The stacked launcher's work (Hydra launchers keep theirs beside the plugin class, as hydra_joblib_launcher does):
-load each job's config, plan the sweep (vaelab.training.stack_plan: stacks of same-shape jobs, jobs alone, a
+load each job's config, plan the sweep (vaelab.stacking.plan: stacks of same-shape jobs, jobs alone, a
 process per GPU), then run each unit. A stack's members are Hydra's run_job of vaelab-train's whole task (its run
 directory, .hydra/ with its own overrides, loggers, checkpoints, test phase, results.json), each in a thread of
-this process, taking turns while their optimiser steps run stacked (vaelab.training.stack_group). A unit that is
+this process, taking turns while their optimiser steps run stacked (vaelab.stacking.group). A unit that is
 not stacked runs its jobs one after another here, as Hydra's basic launcher does."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,14 +20,12 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.console import plural, quiet_here
-from vaelab.devices import cpu_cores
 from vaelab.errors import ConfigError
-from vaelab.training.stack_plan import (
+from vaelab.stacking.plan import (
     FACT_KEYS,
     UNBUILT,
     Unit,
     group_jobs,
-    plan,
     process_count,
     split,
     stack_device,
@@ -37,7 +36,7 @@ log = logging.getLogger("vaelab")
 
 
 def job_facts(cfg: DictConfig) -> dict:
-    """What the plan reads of a job's config (stack_plan.FACT_KEYS), resolved to plain values."""
+    """What the plan reads of a job's config (vaelab.stacking.plan.FACT_KEYS), resolved to plain values."""
     facts = {}
     for key in FACT_KEYS:
         node = OmegaConf.select(cfg, key, throw_on_missing=False)
@@ -88,13 +87,14 @@ def check_settings(launcher) -> None:
     stacking_on(launcher.stack, "cpu")
     if isinstance(launcher.max_members, bool) or not isinstance(launcher.max_members, int) or launcher.max_members < 1:
         raise ConfigError(f"hydra.launcher.max_members={launcher.max_members!r} must be a whole number of at least 1")
-    process_count(getattr(launcher, "processes", "auto"), [], 0)
+    process_count(launcher.processes, [], 0)
     timeout = launcher.member_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"hydra.launcher.member_timeout={timeout!r} must be a number of seconds greater than 0")
 
 
-def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+def plan_sweep(launcher, job_overrides, initial_job_idx: int) -> tuple[list[Unit], list[DictConfig], int]:
+    """The sweep's jobs' configs, their units of work (stacks, jobs alone) and how many processes run them."""
     check_settings(launcher)
     setup_globals()
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
@@ -133,11 +133,11 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
                 log.info("\t#%d : %s", initial_job_idx + j, " ".join(filter_overrides(job_overrides[j])))
             units.append(Unit(part, True, device))
     gpus = torch.cuda.device_count() if any(u.device == "cuda" for u in units) else 0
-    processes = process_count(getattr(launcher, "processes", "auto"), units, gpus)
-    if processes > 1:  # every GPU of the node: a process per GPU, each its share of the units
-        from hydra_plugins.vaelab_stacked_launcher._processes import run_processes
+    return units, configs, process_count(getattr(launcher, "processes", "auto"), units, gpus)
 
-        return run_processes(launcher, units, configs, plan(units, processes, cpu_cores()))
+
+def run_units(launcher, units: list[Unit], configs: list[DictConfig]) -> list[JobReturn]:
+    """Every unit in this process, one after another; each job's JobReturn, in job order."""
     returns: list[JobReturn | None] = [None] * len(configs)
     for unit in units:
         for j, ret in zip(unit.jobs, run_unit(launcher, unit.stacked, unit.device, [configs[j] for j in unit.jobs])):
@@ -160,10 +160,11 @@ def run_here(launcher, cfg: DictConfig) -> JobReturn:
 
 def run_stack(launcher, configs: list[DictConfig], device: str) -> list[JobReturn]:
     """The members, each Hydra's run_job of the vaelab-train task in a thread of this process, taking turns; their
-    optimiser steps run as one stacked model (training/stack_group.py). One progress line for the stack and one line
+    optimiser steps run as one stacked model (vaelab/stacking/group.py). One progress line for the stack and one line
     per member as it ends: the members' own lines go to their train.log."""
-    from vaelab.training.stack_group import StackGroup
-    from vaelab.training.stack_turns import logging_state, restore_logging
+    from vaelab.stacking.group import StackGroup
+    from vaelab.stacking.member import MemberRunner
+    from vaelab.stacking.turns import logging_state, restore_logging
 
     dirs = [Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir) for cfg in configs]
     names = [f"member {cfg.hydra.job.num} ({d})" for cfg, d in zip(configs, dirs)]
@@ -175,7 +176,9 @@ def run_stack(launcher, configs: list[DictConfig], device: str) -> list[JobRetur
     def job(i: int):
         def member() -> None:
             quiet_here()
-            ret = run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
+            # vaelab-train's task, told that this run is a member: how it trains and evaluates is its runner's
+            task = functools.partial(launcher.task_function, runner=MemberRunner(group.members[i]))
+            ret = run_job(hydra_context=launcher.hydra_context, task_function=task,
                           config=configs[i], job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             if ret.status == JobStatus.FAILED:  # not one of vaelab's sentences (a bug): its traceback, as alone
                 traceback.print_exception(job_error(ret))

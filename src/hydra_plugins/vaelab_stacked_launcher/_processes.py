@@ -1,10 +1,10 @@
 """Every device of a node: a stacked sweep's units of work (a stack, or a job that runs alone) run in one process
 per visible GPU, each process seeing its one device (CUDA_VISIBLE_DEVICES) and its share of the cores, as
-vaelab.training.stack_plan.plan gives them out (hydra.launcher.processes: auto is a process per GPU; a number asks
+vaelab.stacking.plan.plan gives them out (hydra.launcher.processes: auto is a process per GPU; a number asks
 for that many processes, on a CPU too).
 
 The launching process only hands out the units and forwards stop signals; each process runs its units as the
-launcher would (a stack in one process, its members threads: vaelab.training.stack_group) and reports how each
+launcher would (a stack in one process, its members threads: vaelab.stacking.group) and reports how each
 job ended."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, setup_globals
 
 from hydra_plugins.vaelab_stacked_launcher._core import job_error, run_unit
-from vaelab.training.stack_plan import Unit
+from vaelab.stacking.plan import Unit
 
 log = logging.getLogger("vaelab")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)

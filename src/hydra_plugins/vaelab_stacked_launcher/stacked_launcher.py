@@ -1,5 +1,5 @@
 """Hydra's handle on vaelab's stacked launcher (Hydra takes launchers only from the hydra_plugins package); its work
-is _core.py (the plan itself: vaelab.training.stack_plan) and _processes.py (a process per GPU).
+is _core.py (the plan itself: vaelab.stacking.plan) and _processes.py (a process per GPU).
 conf/hydra/launcher/stacked.yaml configures it."""
 
 from __future__ import annotations
@@ -28,9 +28,22 @@ class StackedLauncher(Launcher):
         _said(check_settings, self)  # before Hydra writes the sweep's directory
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.vaelab_stacked_launcher._core import launch
+        return _said(_launch, self, job_overrides, initial_job_idx)
 
-        return _said(launch, self, job_overrides, initial_job_idx)
+
+def _launch(launcher: StackedLauncher, job_overrides, initial_job_idx: int) -> Sequence[JobReturn]:
+    """Plan the sweep (_core.py), then run its units here, or, on every GPU of a node, in a process per GPU
+    (_processes.py, which runs each process's units with _core.py's run_unit)."""
+    from hydra_plugins.vaelab_stacked_launcher._core import plan_sweep, run_units
+    from vaelab.devices import cpu_cores
+    from vaelab.stacking.plan import plan
+
+    units, configs, processes = plan_sweep(launcher, job_overrides, initial_job_idx)
+    if processes > 1:
+        from hydra_plugins.vaelab_stacked_launcher._processes import run_processes
+
+        return run_processes(launcher, units, configs, plan(units, processes, cpu_cores()))
+    return run_units(launcher, units, configs)
 
 
 def _said(fn, *args):

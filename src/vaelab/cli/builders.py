@@ -18,11 +18,11 @@ from vaelab.console import say
 from vaelab.errors import ConfigError
 from vaelab.training.checkpoints import AtomicCheckpointIO
 from vaelab.training.loggers import RunLoggers
-from vaelab.training.stack_turns import current_member
 
 
-def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
-    """The configured loggers; W&B continues the run's W&B run on a resume and takes the top-level `tags` too."""
+def build_loggers(cfg: DictConfig, wandb_run_id: str | None, shares_process: bool = False) -> RunLoggers:
+    """The configured loggers; W&B continues the run's W&B run on a resume and takes the top-level `tags` too.
+    shares_process: the run is a stacked sweep's member, a thread among others (runner.Solo.shares_process)."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
@@ -34,10 +34,10 @@ def build_loggers(cfg: DictConfig, wandb_run_id: str | None) -> RunLoggers:
                 extra["group"] = group  # a sweep's runs are one W&B group, whichever launcher ran them
             if wandb_run_id:
                 extra["run_id"] = wandb_run_id  # continue the same W&B run
-            if current_member() is not None:  # a stacked member, a thread: W&B would capture the whole sweep's output
+            if shares_process:  # a stacked member, a thread: W&B would capture the whole sweep's output
                 extra["console"] = "off"
         logger = build(node, **extra)
-        if name == "wandb" and current_member() is not None:
+        if name == "wandb" and shares_process:
             logger.vaelab_console_log = Path(cfg.paths.output_dir) / "train.log"  # the member's own lines, at its end
         loggers.append(logger)
     return RunLoggers(loggers)

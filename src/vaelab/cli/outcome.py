@@ -17,7 +17,7 @@ from vaelab.console import plural, say
 from vaelab.errors import SaveError, VaelabError
 from vaelab.pixels import MEANING
 from vaelab.training.callbacks import Preempted
-from vaelab.training.loggers import RunLoggers, finish_any_wandb_run
+from vaelab.training.loggers import RunLoggers
 
 
 def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state: RunState, test_time: float,
@@ -119,7 +119,7 @@ def objective(results: dict, name: str | None) -> float | None:
 
 
 def failed_in_sweep(cfg: DictConfig, exc: VaelabError) -> float | None:
-    """After a run's one-line error: end its W&B run; in a sweep, record the failure (results.json) and give
+    """After a run's one-line error (its W&B run ended: loggers.finished_on_error): in a sweep, record the failure (results.json) and give
     sweepers the worst value, so that one bad configuration does not end the others. A file that cannot be saved
     (a full disk, a read-only directory) is no configuration's fault and would fail every job after it: it ends the
     sweep, with a non-zero exit, as it ends a run alone."""
@@ -127,7 +127,6 @@ def failed_in_sweep(cfg: DictConfig, exc: VaelabError) -> float | None:
     from hydra.types import RunMode
 
     logging.getLogger("vaelab.console").error("error: %s", exc)  # train.log only: stderr has the line already
-    finish_any_wandb_run(exit_code=1)
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN) or isinstance(exc, SaveError):
         return None
     out = Path(cfg.paths.output_dir)

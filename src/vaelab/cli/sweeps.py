@@ -1,5 +1,5 @@
 """A job's share of the machine when Hydra's joblib launcher runs a sweep's jobs side by side (use_job_share: its GPU
-and its share of the cores). The stacked launcher's plan is vaelab.training.stack_plan; its work, Hydra's side of it,
+and its share of the cores). The stacked launcher's plan is vaelab.stacking.plan; its work, Hydra's side of it,
 is hydra_plugins/vaelab_stacked_launcher."""
 
 from __future__ import annotations

@@ -48,7 +48,9 @@ from vaelab.training.checkpoints import (
 )
 from vaelab.training.fit import fit
 from vaelab.training.log_rows import EMPTY_HISTORIES
+from vaelab.training.loggers import finished_on_error
 from vaelab.training.module import VAEModule
+from vaelab.training.runner import Solo
 
 log = logging.getLogger("vaelab")
 # vaelab's run guard decides who writes into a run directory (a new run gets a new one, resume=auto continues its
@@ -56,24 +58,31 @@ log = logging.getLogger("vaelab")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; return its results (also written to results.json)."""
+def train(cfg: DictConfig, runner: Solo | None = None) -> dict[str, Any]:
+    """Train and test one configuration; return its results (also written to results.json). runner: how the run
+    trains (training/runner.py; a stacked sweep's launcher hands each member its own), alone by default."""
     validate(cfg)
     if cfg.get("extras", {}).get("print_config") and rank_zero_only.rank == 0:
         print_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     if not cfg.get("train", True):
-        return test_only(cfg, out_dir)
+        return test_only(cfg, out_dir, runner)
     if cfg.get("resume") == "auto" and finished(out_dir):  # a resumed sweep: this job is done already
         say(f"vaelab: {out_dir} has finished already; not trained again.")
         return json.loads((out_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        state, ckpt_path, datamodule, model, module, loggers, trainer = set_up(cfg, out_dir)
+        state, ckpt_path, datamodule, model, module, loggers, trainer = set_up(cfg, out_dir, runner)
     except VaelabError:
         discard_if_stub(out_dir)  # a refused start (missing data, a foreign checkpoint) leaves no stub directory
         raise
+    with finished_on_error(loggers):
+        return train_and_test(cfg, out_dir, state, ckpt_path, datamodule, model, module, loggers, trainer)
 
+
+def train_and_test(cfg: DictConfig, out_dir: Path, state: RunState, ckpt_path, datamodule, model, module, loggers,
+                   trainer: L.Trainer) -> dict[str, Any]:
+    """A set-up run's training, its test on the best checkpoint and its results."""
     stop = fit(trainer, module, datamodule, ckpt_path) or finish_training(trainer, module)
     state.train_time_s = module.train_time.seconds()  # from its checkpoint's, if resumed (a kill loses no more)
     if stop is not None:
@@ -107,7 +116,7 @@ def finish_training(trainer: L.Trainer, module) -> Preempted | None:
                      preemption.requeue_handler(), phase="test")
 
 
-def test_only(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def test_only(cfg: DictConfig, out_dir: Path, runner: Solo | None = None) -> dict[str, Any]:
     """train=false: test ckpt_path's weights as the run's own test phase would, and write results.json."""
     if not cfg.get("ckpt_path"):
         raise ConfigError("train=false tests a checkpoint and trains nothing: give it ckpt_path=<a checkpoint>")
@@ -116,19 +125,20 @@ def test_only(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         with open_dict(cfg):  # the model is the checkpoint's, as vaelab-eval reads it: not this command's flags
             for group, node in trained_model_groups(cfg.ckpt_path).items():
                 cfg[group] = node
-        state, ckpt_path, datamodule, model, module, loggers, trainer = set_up(cfg, out_dir)
+        state, ckpt_path, datamodule, model, module, loggers, trainer = set_up(cfg, out_dir, runner)
     except VaelabError:
         discard_if_stub(out_dir)
         raise
     t0 = time.perf_counter()
-    try:
-        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
-    except Preempted as stop:
-        return preempted(stop, trainer, loggers, state, out_dir)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    results = results_of(cfg, trainer, model, metrics, state, time.perf_counter() - t0, out_dir)
-    results.update(trained=False, tested_checkpoint=str(ckpt_path), best_checkpoint=None)
-    write_results(results, trainer, loggers, out_dir)
+    with finished_on_error(loggers):
+        try:
+            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
+        except Preempted as stop:
+            return preempted(stop, trainer, loggers, state, out_dir)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        results = results_of(cfg, trainer, model, metrics, state, time.perf_counter() - t0, out_dir)
+        results.update(trained=False, tested_checkpoint=str(ckpt_path), best_checkpoint=None)
+        write_results(results, trainer, loggers, out_dir)
     return results
 
 
@@ -139,7 +149,7 @@ def trained_model_groups(ckpt_path: str) -> dict:
     return {g: trained[g] for g in ("model", "prior", "posterior", "likelihood") if g in trained}
 
 
-def set_up(cfg: DictConfig, out_dir: Path):
+def set_up(cfg: DictConfig, out_dir: Path, runner: Solo | None = None):
     """Everything before training: seeds, the checkpoint to continue from, data, model, module, loggers, trainer."""
     L.seed_everything(cfg.seed, workers=True)
     use_job_share(cfg)  # under hydra/launcher=joblib: this job's GPU (i mod G) and its share of the cores
@@ -157,10 +167,11 @@ def set_up(cfg: DictConfig, out_dir: Path):
     state = RunState.load(out_dir) if ckpt_path or restart else RunState()
     datamodule, model = build_data_and_model(cfg, ckpt_path)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    module = VAEModule(model, build_recipe(cfg, run_config))
+    runner = runner or Solo()
+    module = VAEModule(model, build_recipe(cfg, run_config), runner)
     if cfg.get("compile"):  # opt-in: compile the training objective's graph (weights stay those of `model`)
         model.elbo_terms = torch.compile(model.elbo_terms)
-    loggers = build_loggers(cfg, state.wandb_run_id)
+    loggers = build_loggers(cfg, state.wandb_run_id, runner.shares_process)
     own_checkpoint = ckpt_path is not None and Path(ckpt_path).parent.resolve() == (out_dir / "checkpoints").resolve()
     if own_checkpoint and rank_zero_only.rank == 0 and cfg.get("train", True):
         # this run, resumed: its histories go back to where the checkpoint left them, and the checkpoints its
@@ -173,7 +184,8 @@ def set_up(cfg: DictConfig, out_dir: Path):
     say_start(cfg, model, trainer, out_dir, ckpt_path)
     state.wandb_run_id = loggers.start(run_config, **run_facts(model, trainer)) or state.wandb_run_id
     if rank_zero_only.rank == 0 and cfg.get("train", True):
-        state.save(out_dir)  # the W&B run id known from the start: a run killed outright continues the same W&B run
+        with finished_on_error(loggers):
+            state.save(out_dir)  # the W&B run id known from the start: a run killed outright continues the same W&B run
     return state, ckpt_path, datamodule, model, module, loggers, trainer
 
 
@@ -209,11 +221,12 @@ def test_best(cfg: DictConfig, trainer: L.Trainer, module, datamodule) -> tuple[
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig, runner: Solo | None = None) -> float | None:
+    """vaelab-train's task. runner: a stacked sweep's member's (the stacked launcher hands it in); alone otherwise."""
     # a log record that cannot be written (train.log on a full disk) is dropped, not printed as a traceback:
     # the error that matters is said in one line on stderr
     logging.raiseExceptions = False
-    results = run_or_explain(train, cfg, on_error=lambda exc: failed_in_sweep(cfg, exc), label=job_label())
+    results = run_or_explain(lambda c: train(c, runner), cfg, on_error=lambda exc: failed_in_sweep(cfg, exc), label=job_label())
     if isinstance(results, float):  # a failed run in a sweep
         return results
     if results["status"] == "preempted":

@@ -127,7 +127,7 @@ class InMemoryLoader:
 def bernoulli_draw(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One Bernoulli(p) draw per pixel, as 0./1. in p's dtype: 1 where a uniform U[0, 1) falls below p.
     On a CPU this gives, draw for draw, the values torch.bernoulli gives with the same generator (it compares
-    the same uniforms, one element at a time), at a fraction of its cost (README, Speed)."""
+    the same uniforms, one element at a time), at a fraction of its cost (docs/speed.md)."""
     return torch.rand(p.shape, generator=generator, dtype=p.dtype, device=p.device).lt_(p)
 
 

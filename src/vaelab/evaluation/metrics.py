@@ -18,7 +18,7 @@ from vaelab.evaluation.noise import counter_normal
 from vaelab.pixels import has_bpd, nll_offset
 
 # (sample, image) pairs per decoder pass with points_per_pass="auto": on a CPU larger passes gain nothing; on a
-# GPU small passes leave it launch-bound (README, Speed), and 200,000 points of a 784-pixel MLP decoder take
+# GPU small passes leave it launch-bound (docs/speed.md), and 200,000 points of a 784-pixel MLP decoder take
 # about 2.5 GB of activations.
 AUTO_POINTS_PER_PASS = {"cpu": 5_000, "cuda": 200_000}
 
@@ -59,6 +59,18 @@ def importance_chunks(k: int, points_per_pass: int | str, batch: int, dim: int, 
     return [(min(chunk, k - s), None if index is None else counter_normal(seed, index.to(device), s,
                                                                             min(chunk, k - s), dim))
             for s in range(0, k, chunk)]
+
+
+def evaluation_outputs(model, x: Tensor, noise: Tensor, chunks: list[tuple[int, Tensor | None]] | None):
+    """The one evaluation function: what every evaluation metric is computed from, for images x [B, C, H, W]:
+    -ELBO's terms at the draws `noise` [B, sum D] (recon [B], kl_layers [L, B]), the posterior means per layer, and
+    the importance log-weights [K, B] over `chunks`, one (samples, their draws [n, B, sum D] or None for fresh
+    ones) per decoder pass (importance_chunks; None: no NLL). With every draw given it is a pure function of the
+    weights, which a stacked sweep runs under vmap."""
+    terms = model.elbo_terms(x, noise)
+    log_w = None if chunks is None else torch.cat([
+        model.log_importance_weights(x, n, noise=None if c is None else c.to(x.dtype)) for n, c in chunks])
+    return terms.recon, terms.kl_layers, model.posterior_means(x), log_w
 
 
 class ElboMeans(Metric):
@@ -204,12 +216,10 @@ class EvalMetrics(nn.Module):
     def update(self, model, x: Tensor, index: Tensor | None = None) -> None:
         """One batch: x [B, C, H, W]; index, the images' positions in their data set, keys the NLL's common random
         numbers (without it, fresh draws)."""
-        terms = model.elbo_terms(x)
-        log_w = None
-        if self.nll is not None:
-            log_w = importance_log_weights(model, x, self.importance_samples, self.points_per_pass, index=index,
-                                           seed=self.seed)  # [K, B]
-        self.record(terms.recon, terms.kl_layers, model.posterior_means(x), log_w)
+        noise = model.draw_noise(x.shape[0], x.device)
+        chunks = None if self.nll is None else importance_chunks(self.importance_samples, self.points_per_pass,
+                                                                 x.shape[0], self.dim, index, self.seed, x.device)
+        self.record(*evaluation_outputs(model, x, noise, chunks))
 
     def record(self, recon: Tensor, kl_layers: Tensor, means: list[Tensor], log_w: Tensor | None) -> None:
         """One batch's outputs, however they were computed (update's, or a stacked sweep's vmapped pass): recon

@@ -138,9 +138,11 @@ class VAEBase(nn.Module):
         draws = [torch.randn(batch, d, device=device) for d in reversed(self.latent_dims)]
         return torch.cat(draws, -1)
 
-    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:  # pragma: no cover
+    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None,
+                               kl_weight: float | Tensor = 1.0) -> Tensor:  # pragma: no cover
         """[k, B]: log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x); the IWAE bound is their log-mean-exp.
-        noise: optional standard-normal draws [k, B, sum(latent_dims)] to use instead of fresh ones."""
+        noise: optional standard-normal draws [k, B, sum(latent_dims)] to use instead of fresh ones. kl_weight:
+        log p(x|z_i) + kl_weight * (log p(z_i) - log q(z_i|x)), the IWAE objective's KL warm-up (1: the weights)."""
         raise NotImplementedError
 
     def sample_latents(self, n: int) -> list[Tensor]:  # pragma: no cover - interface

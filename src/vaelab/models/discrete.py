@@ -117,7 +117,7 @@ class DiscretizedMixtureOfLogistics(Likelihood):
     """A mixture of `num_mixtures` logistics per pixel, discretised to the 256 values of 8-bit images (PixelCNN++,
     openai/vdvae, NVAE): per pixel and channel, the decoder gives K mixture logits, K means (sigmoid, in [0, 1])
     and K log-scales (at least log(min_scale)). Channels are modelled independently given z: PixelCNN++'s
-    coupling of R, G and B needs a decoder output that is not per channel (README, Likelihoods)."""
+    coupling of R, G and B needs a decoder output that is not per channel (docs/models.md)."""
 
     ARGS = {"num_mixtures": positive_int("likelihood.num_mixtures"), "min_scale": positive("likelihood.min_scale")}
     pixels = "8-bit"

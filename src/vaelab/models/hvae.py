@@ -140,10 +140,18 @@ class HierarchicalVAE(VAEBase):
         kls.append(self._kl_top(*layers[-1], log_q_top))
         return ElboTerms(recon=recon, kl_layers=torch.stack(kls))
 
-    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:
+    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None,
+                               kl_weight: float | Tensor = 1.0) -> Tensor:
         layers, log_q_top = self._infer(x, k, noise)  # each z: [k, B, D]
         zs = [z for z, _, _ in layers]
-        log_w = self.likelihood.log_prob(x, self.decoder(zs)) + self.prior.log_prob(zs[-1])  # [k, B]
+        log_p_x = self.likelihood.log_prob(x, self.decoder(zs))  # [k, B]
+        if isinstance(kl_weight, Tensor) or kl_weight != 1:  # the latents' part weighted (IWAE's KL warm-up)
+            return log_p_x + kl_weight * self._add_latent_terms(0.0, layers, log_q_top, zs)
+        return self._add_latent_terms(log_p_x, layers, log_q_top, zs)
+
+    def _add_latent_terms(self, log_w, layers, log_q_top, zs) -> Tensor:
+        """log_w + log p(z_1..L) - log q(z_1..L|x), added term by term (the order the NLL's figures were made in)."""
+        log_w = log_w + self.prior.log_prob(zs[-1])
         for i, cond_prior in enumerate(self.conditional_priors):
             log_w = log_w + log_normal_diag(zs[i], *cond_prior(zs[i + 1]))
         for i, (z, q_mu, q_logvar) in enumerate(layers):

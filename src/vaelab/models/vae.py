@@ -64,11 +64,14 @@ class VAE(VAEBase):
         kl = self._kl_top(z, q_mu, q_logvar, log_q)  # [B]
         return ElboTerms(recon=recon, kl_layers=kl.unsqueeze(0))
 
-    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None) -> Tensor:
+    def log_importance_weights(self, x: Tensor, k: int, noise: Tensor | None = None,
+                               kl_weight: float | Tensor = 1.0) -> Tensor:
         z, q_mu, q_logvar, log_q = self._sample_posterior(self.encoder, x, n=k, eps=noise)  # z [k, B, D]
         log_p_x = self.likelihood.log_prob(x, self.decoder(z))  # [k, B]
         if log_q is None:
             log_q = log_normal_diag(z, q_mu, q_logvar)
+        if isinstance(kl_weight, Tensor) or kl_weight != 1:
+            return log_p_x + kl_weight * (self.prior.log_prob(z) - log_q)
         return log_p_x + self.prior.log_prob(z) - log_q
 
     def sample_latents(self, n: int) -> list[Tensor]:

@@ -185,7 +185,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def compact(obj):
     """The checkpoint with every tensor that views a larger storage copied out: torch.save writes a view's whole
-    storage, and a stacked sweep's member (training/stack_member.py) trains on views of the whole stack."""
+    storage, and a stacked sweep's member (vaelab/stacking/member.py) trains on views of the whole stack."""
     if isinstance(obj, torch.Tensor):
         return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
     if isinstance(obj, dict):

@@ -1,5 +1,5 @@
-"""The step engine: whole optimiser steps (forward, objective, zero_grad, backward, clipping, the optimiser's step,
-the finite check, the statistics), N of them inside one Lightning `training_step`, run eagerly or replayed as one
+"""The step engine: whole optimiser steps (the step's noise, its objective and statistics (step.py, the one step
+function), zero_grad, backward, the gradient's norm and clipping, the optimiser's step, the finite check), N of them inside one Lightning `training_step`, run eagerly or replayed as one
 CUDA graph. It is built from plain arguments (the model, the optimiser, the objective, how to clip, how often to
 check) and returns StepStats; VAEModule, the Lightning adapter, logs what comes back.
 
@@ -14,19 +14,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from vaelab.models.base import ElboTerms
 from vaelab.training.objective import Loss
+from vaelab.training.step import StepStats, grad_norm, step_objective
 from vaelab.training.step_records import NonFiniteTracker
 
 log = logging.getLogger("vaelab")
 
 # trainer.steps_per_execution=auto, by device and engine, as measured by scripts/benchmarks/train_throughput.py
-# (README, Speed): on a CPU 10 steps spread Lightning's per-step cost over ten; on a GPU 10 steps per replay
+# (docs/speed.md): on a CPU 10 steps spread Lightning's per-step cost over ten; on a GPU 10 steps per replay
 # come close to the bare graph loop, and 10 eager steps beat one.
 AUTO_STEPS = {"cpu": 10, "cuda": 10, "cuda_graph": 10}
 
@@ -41,39 +40,6 @@ CHECK_EVERY_ELSEWHERE = 50
 GRAPH_WARMUP_EXECUTIONS = 2
 
 
-@dataclass(frozen=True)
-class StepStats:
-    """An execution's optimiser steps, each summed over its images: the reconstruction term, each stochastic
-    layer's KL, and the objective. One [n, L + 2] float32 tensor underneath (so that a GPU copies it to the host in
-    one transfer, and a CUDA graph writes it in place); read by name, never by column."""
-
-    table: Tensor  # [n, L + 2]
-
-    @staticmethod
-    def row(terms: ElboTerms, objective: Tensor) -> Tensor:
-        return torch.cat([terms.recon.detach().sum(0, keepdim=True).float(), terms.kl_layers.detach().sum(1).float(),
-                          objective.detach().reshape(1).float()])
-
-    @property
-    def steps(self) -> int:
-        return self.table.shape[0]
-
-    @property
-    def recon(self) -> Tensor:  # [n]
-        return self.table[:, 0]
-
-    @property
-    def kl_layers(self) -> Tensor:  # [n, L]
-        return self.table[:, 1:-1]
-
-    @property
-    def objective(self) -> Tensor:  # [n]
-        return self.table[:, -1]
-
-    def at(self, i: int) -> StepStats:
-        return StepStats(self.table[i : i + 1])
-
-
 class StepEngine:
     """Whole optimiser steps, eagerly, in a Python loop: the same calls, in the same order, as N Lightning steps.
 
@@ -81,7 +47,8 @@ class StepEngine:
     loss: the objective (objective.Loss); its KL weight is read at each step's number over the epoch's steps, which
     the engine owns (start_epoch tells it; the module, the progress line and a stacked member ask it).
     images(batch, i): step i's images of a training batch (the data module's cut of its execution plan).
-    clip: called between backward and the optimiser's step (None: no clipping). backward: how to backpropagate
+    clip: called between backward and the optimiser's step, returning the gradient's norm before clipping, as torch's
+    clip_grad_norm_ does (None: no clipping; the norm is measured all the same, for train/grad_norm). backward: how to backpropagate
     (Lightning's manual_backward under DDP and fp16; Tensor.backward otherwise). check_every: steps between
     NaN/inf checks (1: every step, stopping before a non-finite objective reaches the weights; None: CHECK_EVERY
     for the model's device). The non-finite rule is the engine's: raise_if_nonfinite says it in one sentence."""
@@ -92,7 +59,9 @@ class StepEngine:
                  clip: Callable[[], None] | None = None, backward: Callable[[Tensor], None] | None = None,
                  check_every: int | None = None) -> None:
         self.model, self.optimizer, self.loss, self.images = model, optimizer, loss, images
-        self.clip, self.backward = clip, backward or Tensor.backward
+        self.backward = backward or Tensor.backward
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.clip = clip if clip is not None else (lambda: grad_norm(params))
         if check_every is None:
             device = next(model.parameters()).device.type
             check_every = CHECK_EVERY.get(device, CHECK_EVERY_ELSEWHERE)
@@ -126,17 +95,19 @@ class StepEngine:
         self._track(stats, step0)
         return stats
 
-    def _step(self, x: Tensor, step: int) -> Tensor:
-        terms = self.model.elbo_terms(x)
-        objective = self.loss(terms, self.weight(step))
-        if self.check_every == 1 and not math.isfinite(objective.item()):  # free on a CPU: no sync to wait for
-            self.stop_at_first_nonfinite(StepStats(StepStats.row(terms, objective)[None]), step)
+    def _step(self, x: Tensor, step: int | Tensor, check: bool = True) -> Tensor:
+        """One whole optimiser step on images x (eagerly, or recorded into the CUDA graph: check=False, no host
+        read); its StepStats row."""
+        noise = self.loss.draw_noise(self.model, x.shape[0], x.device)
+        objective, values = step_objective(self.model, x, noise, self.loss, self.weight(step))
+        if check and self.check_every == 1 and not math.isfinite(objective.item()):  # free on a CPU: no sync to wait for
+            row = StepStats.row(**values, grad_norm=objective.new_zeros(()))  # no gradient yet
+            self.stop_at_first_nonfinite(StepStats(row[None]), step)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(objective)
-        if self.clip is not None:
-            self.clip()
+        norm = self.clip()
         self.optimizer.step()
-        return StepStats.row(terms, objective)
+        return StepStats.row(**values, grad_norm=norm)
 
     def _track(self, stats: StepStats, step0: int) -> None:
         """Between checks, note the first non-finite step on the device; at each interval, look (on a GPU through
@@ -214,16 +185,7 @@ class CudaGraphEngine(StepEngine):
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's memory pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            rows = []
-            for i in range(n):
-                terms = self.model.elbo_terms(self.images(self._static_idx, i))
-                objective = self.loss(terms, self.weight(self._static_step + i))
-                self.optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                if self.clip is not None:
-                    self.clip()
-                self.optimizer.step()
-                rows.append(StepStats.row(terms, objective))
+            rows = [self._step(self.images(self._static_idx, i), self._static_step + i, check=False) for i in range(n)]
             self._static_stats = torch.stack(rows)
         self.graph = graph
         log.info("cuda graphs: captured %d optimiser steps as one graph; replayed for every full execution", n)

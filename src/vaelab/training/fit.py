@@ -16,9 +16,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from vaelab.errors import ConfigError, DistributedError, SaveError
 from vaelab.training.callbacks.preemption import Preempted
 from vaelab.training.checkpoints import checkpoint_dir, save_failure
+from vaelab.training.module import VAEModule
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: str | None) -> Preempted | None:
+def fit(trainer: L.Trainer, module: VAEModule, datamodule, ckpt_path: str | None) -> Preempted | None:
     """Train; return the Preempted stop when a signal ended training (its checkpoint saved), else None."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -42,7 +43,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: st
         stop_other_processes(trainer)
         raise
     finally:
-        leave_stack(module)
+        module.runner.leave()  # a stacked sweep's member leaves its stack, however its training ended
     return None
 
 
@@ -52,14 +53,6 @@ def stop_other_processes(trainer: L.Trainer) -> None:
     launcher = getattr(trainer.strategy, "launcher", None)
     if trainer.world_size > 1 and trainer.is_global_zero and launcher is not None:
         launcher.kill(signal.SIGKILL)
-
-
-def leave_stack(module) -> None:
-    """A member of a stacked sweep (training/stack_member.py) leaves its stack as soon as its training ends: done, early
-    stopped, diverged or preempted."""
-    leave = getattr(module, "leave_stack", None)
-    if leave is not None:
-        leave()
 
 
 def collective_failed(exc: BaseException) -> bool:

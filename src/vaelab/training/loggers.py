@@ -9,6 +9,7 @@ import csv
 import logging
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.core.saving import save_hparams_to_yaml
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from vaelab.console import say
+from vaelab.errors import VaelabError
 from vaelab.files import atomic_write
 from vaelab.training.log_rows import continue_wandb, own, rewind_files
 from vaelab.training.wandb_runs import (  # noqa: F401 - wandb_logger, resolve_wandb_mode: their earlier home
@@ -99,8 +101,6 @@ class RunLoggers:
         DDP ranks hold no W&B run). Define its metrics as dashboards expect; return the W&B run id."""
         run_id = None
         self.run_config = run_config
-        if self.wandb:
-            _open_runs().add(self)
         for lg in self.wandb:
             if rank_zero_only.rank == 0:
                 self.started = True
@@ -148,7 +148,6 @@ class RunLoggers:
         results are saved."""
         if not self.wandb:
             return
-        _open_runs().discard(self)
         started = [lg.experiment for lg in self.wandb] if self.started else []
         self.started = False  # ended once
         if not started:
@@ -168,17 +167,11 @@ class RunLoggers:
             stop_wandb_service()
 
 
-_thread = threading.local()
-
-
-def _open_runs() -> set:
-    """The RunLoggers with a W&B run this thread started and has not finished (a stacked sweep's member is a thread)."""
-    if not hasattr(_thread, "open"):
-        _thread.open = set()
-    return _thread.open
-
-
-def finish_any_wandb_run(exit_code: int = 1) -> None:
-    """End the W&B runs that an error left open in this thread."""
-    for loggers in list(_open_runs()):
-        loggers.finish(exit_code=exit_code)
+@contextmanager
+def finished_on_error(loggers: RunLoggers):
+    """A run that ends in one of vaelab's errors ends its W&B run (exit code 1) before the error is said."""
+    try:
+        yield
+    except VaelabError:
+        loggers.finish(exit_code=1)
+        raise

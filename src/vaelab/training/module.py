@@ -19,13 +19,13 @@ from vaelab.evaluation.metrics import ElboMeans, EvalMetrics
 from vaelab.models.base import VAEBase
 from vaelab.pixels import without_data_module
 from vaelab.training.checkpoints import load_checkpoint, model_of
-from vaelab.training.engine import CudaGraphEngine, StepEngine
+from vaelab.training.engine import StepEngine
 from vaelab.training.execution import count_optimizer_steps, plan_execution, steps_per_epoch
 from vaelab.training.optim import build_optimizer
 from vaelab.training.recipe import TrainingRecipe
 from vaelab.training.run_state import TrainTime, restore_run_state, save_run_state
-from vaelab.training.stack_member import StackedEngine, current_member, update_metrics
-from vaelab.training.step_records import StepCurves
+from vaelab.training.runner import Solo, clip_through_lightning
+from vaelab.training.step_records import StepCurves, StepMeans
 
 log = logging.getLogger("vaelab")
 
@@ -33,10 +33,12 @@ log = logging.getLogger("vaelab")
 class VAEModule(L.LightningModule):
     """Trains any VAE by a TrainingRecipe (recipe.py: -ELBO with KL warm-up, beta weighting and free bits; the
     optimiser, schedule and clipping; steps per execution; the checks), and tests it with the importance-sampled
-    NLL. The app and a script build it alike: VAEModule(model, TrainingRecipe(...))."""
+    NLL. The app and a script build it alike: VAEModule(model, TrainingRecipe(...)). runner: how it trains and
+    evaluates (runner.py: alone, the default; a stacked sweep's launcher hands its members theirs)."""
 
-    def __init__(self, model: VAEBase, recipe: TrainingRecipe | dict | None = None) -> None:
+    def __init__(self, model: VAEBase, recipe: TrainingRecipe | dict | None = None, runner: Solo | None = None) -> None:
         super().__init__()
+        self.runner = runner or Solo()
         # a checkpoint keeps the recipe as plain data (weights-only loadable); load_from_checkpoint hands it back so
         recipe = TrainingRecipe.from_spec(recipe) if isinstance(recipe, dict) else recipe or TrainingRecipe()
         # the app logs its whole composed config itself (lightning-hydra-template's way), so Lightning's copy of the
@@ -53,6 +55,8 @@ class VAEModule(L.LightningModule):
         self.train_time = TrainTime()  # kept in checkpoints: a resumed run's time goes on from its checkpoint's
         self.train_means = ElboMeans(len(model.latent_dims))
         self.train_means.persistent(True)  # a run resumed mid-epoch keeps the epoch's sums
+        self.step_means = StepMeans()  # the epoch's means of per-step statistics (train/grad_norm)
+        self.step_means.persistent(True)
         self.val_metrics = EvalMetrics(model.latent_dims, model.num_pixels)
         self.test_metrics = EvalMetrics(model.latent_dims, model.num_pixels, recipe.importance_samples,
                                         recipe.importance_points_per_pass, recipe.importance_seed)
@@ -100,6 +104,7 @@ class VAEModule(L.LightningModule):
         stats = self.engine.run(batch, n, step0)
         count_optimizer_steps(self.trainer, n - (self.global_step - step0), n)
         self.train_means.update(stats.recon, stats.kl_layers.T, count=n * size)
+        self.step_means.update(stats)
         every_log = self.trainer.log_every_n_steps
         for i in range(n):
             if every_log and (step0 + i + 1) % every_log == 0:  # per-step curves at Lightning's logging interval
@@ -120,6 +125,7 @@ class VAEModule(L.LightningModule):
         pixels = getattr(self.trainer.datamodule, "pixels", None) or without_data_module(self.model.likelihood.pixels)
         self.val_metrics.pixels = self.test_metrics.pixels = pixels
         self.train_means.offset = self.val_metrics.means.offset  # train/ figures in the same nats
+        self.runner.join(self.trainer)
 
     def on_fit_start(self) -> None:
         self.train_time.start()
@@ -148,7 +154,9 @@ class VAEModule(L.LightningModule):
         self.raise_if_nonfinite()
         self.curves.flush(self.loggers, wait=True)
         self.log_dict({f"train/{k}": v for k, v in self.train_means.compute_restored().items()})
+        self.log_dict({f"train/{k}": v for k, v in self.step_means.compute_restored().items()})
         self.train_means.reset()
+        self.step_means.reset()
         if self.global_step > 0:
             self.log("train/beta", float(self.beta(self.global_step - 1)))
         self.log("train/lr", float(self.optimizers().optimizer.param_groups[0]["lr"]))  # this epoch's rate
@@ -162,11 +170,6 @@ class VAEModule(L.LightningModule):
     def on_fit_end(self) -> None:
         self.train_time.stop()
 
-    def leave_stack(self) -> None:
-        """A member of a stacked sweep leaves its stack when its training ends, however it ends (fit.py calls it)."""
-        if isinstance(self.engine, StackedEngine):
-            self.engine.detach()
-
     def on_validation_end(self) -> None:
         # Lightning runs the module's hook after every callback's, and sorts ModelCheckpoint last among those: here
         # an epoch's validation, grids and checkpoints are done, the point a stop after its last step is saved at
@@ -177,7 +180,7 @@ class VAEModule(L.LightningModule):
                 callback.stop_after_validation(self.trainer, self)
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        update_metrics(self.val_metrics, self.model, x)  # in a stacked sweep: vmapped with the other members
+        self.runner.evaluate(self.val_metrics, self.model, x)  # in a stacked sweep: vmapped with the other members
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute("val")
@@ -189,7 +192,7 @@ class VAEModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        update_metrics(self.test_metrics, self.model, x, index)
+        self.runner.evaluate(self.test_metrics, self.model, x, index)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute("test"))
@@ -222,29 +225,26 @@ class VAEModule(L.LightningModule):
         opt, clip_value = self.optimizers(), self.recipe.gradient_clip_val
         plan, gather = self.execution_plan, getattr(self.trainer.datamodule, "train_batch", None)
         direct = self.trainer.world_size == 1 and getattr(self.trainer.strategy.precision_plugin, "scaler", None) is None
+        params = list(self.parameters())
         if direct:
             optimizer, backward = opt.optimizer, None
-            clip = partial(torch.nn.utils.clip_grad_norm_, list(self.parameters()), clip_value, foreach=True)
+            clip = partial(torch.nn.utils.clip_grad_norm_, params, clip_value, foreach=True) if clip_value else None
         else:
             optimizer, backward = opt, self.manual_backward
-            clip = partial(self.clip_gradients, opt, gradient_clip_val=clip_value, gradient_clip_algorithm="norm")
+            clip = partial(clip_through_lightning, self, opt, params, clip_value)
         args = dict(model=self.model, optimizer=optimizer, loss=self.loss, backward=backward,
-                    images=partial(step_images, plan=plan, gather=gather), clip=clip if clip_value else None,
+                    images=partial(step_images, plan=plan, gather=gather), clip=clip,
                     check_every=self.recipe.check_finite_every_n_steps)
-        member = current_member()
-        if member is not None:  # a member of a stacked sweep: its group runs the steps, stacked with the others'
-            engine = StackedEngine(**args, member=member, max_grad_norm=clip_value)
-            engine.attach(plan.steps if plan is not None else 1, self.trainer.datamodule.batch_size,
-                          self.trainer.max_epochs)
-            return engine
-        if plan is not None and plan.indices_on is not None:
-            return CudaGraphEngine(**args, shape=(plan.steps, self.trainer.datamodule.batch_size),
-                                   on_fallback=lambda why: log.warning("cuda graphs: %s; training continues eagerly", why))
-        return StepEngine(**args)
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        return self.runner.engine(args, plan, batch_size, self.trainer.max_epochs, clip_value)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_run_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint saved before the per-step statistics' epoch means (train/grad_norm) loads with empty sums
+        state = checkpoint.setdefault("state_dict", {})
+        for key, value in self.step_means.state_dict(prefix="step_means.").items():
+            state.setdefault(key, value)
         if self.attached:  # resumed by a fit; loaded as a model (load_from_checkpoint): nothing to restore
             restore_run_state(self, checkpoint)

@@ -1,15 +1,22 @@
 """What is kept from each optimiser step without making the step wait for a GPU: a tracker of the first
-non-finite loss (the engine's), and the per-step curves (the module's). Both take the engine's StepStats (its
-recon, kl_layers and objective, by name), and read them back to the host by pinned asynchronous copies."""
+non-finite loss (the engine's), the per-step curves and the epoch's means of per-step statistics (the module's).
+All take the engine's StepStats (read by name: step.py's STATS), and read them back to the host by pinned
+asynchronous copies or as summed metric states."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 from vaelab.errors import NonFiniteLossError
+from vaelab.training.step import STATS, StepStats
+
+CURVES = [s.name for s in STATS if s.curve]  # train_step/<name>, beside the ELBO's curves
+EPOCH_MEANS = [s.name for s in STATS if s.epoch_mean]  # train/<name>, the mean over an epoch's steps
 
 
 def _copy_to_host(t: Tensor) -> tuple[Tensor, torch.cuda.Event]:
@@ -80,7 +87,7 @@ class StepCurves:
 
     def add(self, step: int, stats, batch_size: int, extra: dict) -> None:
         """stats: one step's StepStats over batch_size images; extra: values to log beside them."""
-        values = torch.stack([stats.recon[0], stats.kl_layers[0].sum(), stats.objective[0]])  # [3]
+        values = torch.stack([stats.recon[0], stats.kl_layers[0].sum(), *(stats[name][0] for name in CURVES)])
         if values.device.type == "cuda":
             host, done = _copy_to_host(values)
             self._pending.append((step, host, done, batch_size, extra))
@@ -96,9 +103,35 @@ class StepCurves:
             if done is not None:
                 done.synchronize()
             self._pending.pop(0)
-            recon_sum, kl_sum, objective = row.tolist()
+            recon_sum, kl_sum, *curves = row.tolist()
             recon, kl = recon_sum / size, kl_sum / size
             metrics = {"train_step/loss": recon + kl, "train_step/elbo": -(recon + kl), "train_step/recon": recon,
-                       "train_step/kl": kl, "train_step/objective": objective, **extra}
+                       "train_step/kl": kl, **{f"train_step/{n}": v for n, v in zip(CURVES, curves)}, **extra}
             for logger in loggers:
                 logger.log_metrics(metrics, step=step)
+
+
+class StepMeans(Metric):
+    """An epoch's mean over its optimiser steps of every statistic STATS logs so (train/grad_norm), as summed
+    states: right under DDP, and kept in checkpoints (a run resumed mid-epoch keeps the epoch's sums)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros(len(EPOCH_MEANS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, stats: StepStats) -> None:
+        self.total += torch.stack([stats[name].detach().sum() for name in EPOCH_MEANS]).double()
+        self.count += stats.steps
+
+    def compute(self) -> dict[str, Tensor]:
+        mean = (self.total / self.count).float()
+        return dict(zip(EPOCH_MEANS, mean))
+
+    def compute_restored(self) -> dict[str, Tensor]:
+        """compute(), also for a run resumed at an epoch's end (its sums from the checkpoint)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric StepMeans was called before")
+            return self.compute()

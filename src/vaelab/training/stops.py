@@ -1,5 +1,5 @@
 """How a stop signal is taken, one rule for a run alone (callbacks/preemption.py) and for a stacked sweep's group
-(stack_group.py), which flags all its members: the first stop signal is the one kept, a first Ctrl-C says what is
+(vaelab/stacking/group.py), which flags all its members: the first stop signal is the one kept, a first Ctrl-C says what is
 saved, a second one stops at once."""
 
 from __future__ import annotations

@@ -69,12 +69,7 @@ class Preemption(L.Callback):
 
         if threading.current_thread() is not threading.main_thread():
             # signal handlers can only be set from the main thread; a stacked sweep's member (a thread of the sweep's
-            # process) is flagged by its group's handler instead
-            from vaelab.training.stack_turns import current_member
-
-            member = current_member()
-            if member is not None:
-                member.watch(self)
+            # process) is flagged by its group's handler instead (its runner registered this callback)
             return
         for name in self.SIGNALS:
             signum = getattr(signal, name)

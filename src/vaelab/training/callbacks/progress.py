@@ -86,7 +86,7 @@ class LineProgress(ProgressBar):
     left, one per epoch with its metrics, and the test phase's images done and time left at the same cadence (or
     every tenth of the test set, if that is more often). Each line goes to stdout and to the run's train.log
     (vaelab.console.say). No redraw thread or per-batch work: Rich and tqdm bars cost measurable speed in the
-    training benchmark (README, Speed).
+    training benchmark (docs/speed.md).
 
     Time left is measured, not guessed: the epoch's from this epoch's rate, the run's from the optimiser steps
     still to run at the rate of this fit so far, validation and checkpoints included."""

@@ -1,5 +1,7 @@
 """A member of a stacked sweep: an ordinary run (vaelab-train's whole task, in a thread of the sweep's process)
-whose optimiser steps its group runs as one stacked model (stack_group.py). Its step engine, StackedEngine,
+whose optimiser steps its group runs as one stacked model (group.py). The stacked launcher hands the run a
+MemberRunner where it is set up (vaelab-train's `runner`); VAEModule asks it, as it asks the solo runner
+(training/runner.py), for its step engine and its evaluation. Its step engine, StackedEngine,
 prepares exactly what the solo engine would use (the step's images as its data module cuts and binarises them,
 the reparameterisation noise from the run's own generator in the order elbo_terms draws it, the KL weight, the
 optimiser's current hyper-parameters) and hands it over; while it trains, its weights and Adam moments are views
@@ -11,29 +13,58 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vaelab.training.engine import StepEngine, StepStats
-from vaelab.training.stack import STACKED_OPTIMIZERS, hyper_row
-from vaelab.training.stack_turns import EvalRequest, Member, Request, StackError, current_member
+from vaelab.evaluation.metrics import EvalMetrics
+from vaelab.stacking.stack import STACKED_OPTIMIZERS, hyper_row
+from vaelab.stacking.turns import EvalRequest, Member, Request, StackError
+from vaelab.training.callbacks.preemption import Preemption
+from vaelab.training.engine import StepEngine
+from vaelab.training.runner import Solo
+from vaelab.training.step import StepStats
 
-__all__ = ["StackError", "StackedEngine", "current_member", "optimizer_kind", "update_metrics"]
+__all__ = ["MemberRunner", "StackError", "StackedEngine", "optimizer_kind"]
 
 
-@torch.no_grad()
-def update_metrics(metrics, model: torch.nn.Module, x: Tensor, index: Tensor | None = None) -> None:
-    """metrics.update(model, x, index), or, in a stacked sweep's member, the same outputs from the group's vmapped
-    pass over every member evaluating a batch of this shape: the member draws what update would draw (the ELBO's
-    noise from its own generator, the NLL's common random numbers), and records what comes back."""
-    member = current_member()
-    needs_index = metrics.nll is not None and index is None  # fresh importance draws: only update's own
-    if member is None or needs_index or getattr(model, "spec", lambda: None)() is None:
-        metrics.update(model, x, index)
-        return
-    chunks = [] if metrics.nll is None else [c.to(x.dtype) for c in metrics.importance_noise(x.shape[0], index,
-                                                                                               x.device)]
-    request = EvalRequest(model, {n: p.detach() for n, p in model.named_parameters()}, x,
-                          model.draw_noise(x.shape[0], x.device), chunks)
-    member.group.step(member.index, request)
-    metrics.record(*request.result)
+class MemberRunner(Solo):
+    """How a stacked sweep's member trains and evaluates: its steps, and its evaluation batches, run by its group
+    with the other members'. Everything else is the solo run's."""
+
+    shares_process = True
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+        self.stacked: StackedEngine | None = None
+
+    def engine(self, args: dict, plan, batch_size: int, max_epochs: int, max_grad_norm: float | None) -> StepEngine:
+        self.stacked = StackedEngine(**args, member=self.member, max_grad_norm=max_grad_norm)
+        self.stacked.attach(plan.steps if plan is not None else 1, batch_size, max_epochs)
+        return self.stacked
+
+    def join(self, trainer) -> None:
+        """The run's stop callbacks are flagged by the group's signal handler (a member's thread sets none)."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, Preemption):
+                self.member.watch(callback)
+
+    def leave(self) -> None:
+        if self.stacked is not None:
+            self.stacked.detach()
+
+    @torch.no_grad()
+    def evaluate(self, metrics: EvalMetrics, model: torch.nn.Module, x: Tensor, index: Tensor | None = None) -> None:
+        """The same outputs as metrics.update(model, x, index), from the group's vmapped pass over every member
+        evaluating a batch of this shape: the member draws what update would draw (the ELBO's noise from its own
+        generator, the NLL's common random numbers), and records what comes back."""
+        needs_index = metrics.nll is not None and index is None  # fresh importance draws: only update's own
+        if needs_index or getattr(model, "spec", lambda: None)() is None:
+            metrics.update(model, x, index)
+            return
+        member = self.member
+        chunks = [] if metrics.nll is None else [c.to(x.dtype) for c in metrics.importance_noise(x.shape[0], index,
+                                                                                                   x.device)]
+        request = EvalRequest(model, {n: p.detach() for n, p in model.named_parameters()}, x,
+                              model.draw_noise(x.shape[0], x.device), chunks)
+        member.group.step(member.index, request)
+        metrics.record(*request.result)
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -74,7 +105,7 @@ class StackedEngine(StepEngine):
         if spec is None:
             raise StackError("this model has parts no spec describes (a custom encoder), so it cannot be stacked")
         built = {"spec": spec, "image shape": "x".join(map(str, self.model.image_shape)), "batch size": batch,
-                 "steps per execution": steps, "optimizer": self.kind}
+                 "steps per execution": steps, "optimizer": self.kind, "loss": self.loss}
         shared = self.member.group.register(self.member.index, built, {n: p.detach() for n, p in self.params.items()},
                                             adam)
         i = self.member.index
@@ -93,10 +124,11 @@ class StackedEngine(StepEngine):
             x = self.images(batch, k)
             size = x.shape[0]
             slots["images"][i, k, :size].copy_(x)
-            slots["noise"][i, k, :size].copy_(self.model.draw_noise(size, x.device))
+            slots["noise"][i, k, ..., :size, :].copy_(self.loss.draw_noise(self.model, size, x.device))
             slots["weight"][i, k] = float(self.weight(step0 + k))
         group = self.optimizer.param_groups[0]
-        slots["hyper"][i] = torch.tensor(hyper_row(group, self.kind, self.max_grad_norm, self.loss.free_bits))
+        slots["hyper"][i] = torch.tensor(hyper_row(group, self.kind, self.max_grad_norm))
+        slots["free_bits"][i] = self.loss.free_bits
         self.member.group.step(i, Request(n, size, step0, self.steps_per_epoch, self.max_epochs))
         # stepped, by the stack: torch's schedulers warn of a schedule stepped before its optimiser, and read that
         # from the optimiser's private _opt_called, which only its own step sets (no public way; test_stacked.py's

@@ -13,7 +13,7 @@ from typing import Any
 
 from vaelab.devices import on_gpu
 from vaelab.errors import ConfigError
-from vaelab.training.stack import STACKED_OPTIMIZERS
+from vaelab.stacking.stack import STACKED_OPTIMIZERS
 
 # The config that fixes a member's tensor shapes and code: jobs that agree on all of it train as one stack. Every
 # other key (seed, loss.*, optim.lr and weight_decay, trainer.max_epochs and max_steps, callbacks, loggers, eval,
@@ -142,7 +142,7 @@ def stack_device(facts: Facts) -> str:
 
 def stacking_on(setting, device: str) -> bool:
     """stack: true | false | auto (auto: on a GPU; on a CPU the members run one after another, which measured
-    as fast: README, Sweeps)."""
+    as fast: docs/sweeps.md)."""
     if setting in (True, "true"):
         return True
     if setting in (False, "false"):

@@ -1,6 +1,7 @@
 """A stacked sweep's group, in one process: N members, each an ordinary run (vaelab-train's whole task: its run
 directory, loggers, checkpoints, early stopping, test phase, results.json) in a thread of its own, and one Stack
-(stack.py) that runs all their optimiser steps at once.
+(stack.py) that runs all their optimiser steps at once, and their evaluation batches as one vmapped pass of the
+one evaluation function (evaluation/metrics.py evaluation_outputs).
 
 Turns. The members' threads take turns, one at a time (a baton). A member runs its own Python (its Lightning
 loop, validation, checkpoints, logging) until it asks for optimiser steps (StackedEngine.run) or ends, and then
@@ -12,13 +13,13 @@ names (Hydra's job config), and restores the next member's. A member at another 
 an older checkpoint), validating, saving or ended holds the others up only as long as it runs.
 
 Signals. Only the main thread receives them: the group's handler flags every member's Preemption callback
-(members register theirs through `current_member()`), and each member saves at its next stop point and ends, as a
+(each member's runner registers its run's: member.py), and each member saves at its next stop point and ends, as a
 run alone does. A member that neither asks for a step nor leaves its stack for `member_timeout` seconds while others
 wait is named in one line and flagged the same way.
 
 Why it is long: the turns (the baton, the hand-overs, the watchdog, the signals) and the stacked rounds they lead to
 (registration, training steps, evaluation passes) are one protocol over one lock and one member table; the member's
-side of it is stack_turns.py, the progress line stack_progress.py.
+side of it is turns.py, the progress line progress.py.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ import torch
 from torch.func import functional_call, vmap
 
 from vaelab.console import plural
+from vaelab.evaluation.metrics import evaluation_outputs
 from vaelab.models.build import build_from_spec
-from vaelab.training.engine import StepStats
-from vaelab.training.stack import HYPER, Stack
-from vaelab.training.stack_progress import Progress
-from vaelab.training.stack_turns import (
+from vaelab.stacking.progress import Progress
+from vaelab.stacking.stack import HYPER, Stack
+from vaelab.stacking.turns import (
     DONE,
     READY,
     STOP_SIGNALS,
@@ -47,26 +48,25 @@ from vaelab.training.stack_turns import (
     Member,
     Request,
     StackError,
-    enter,
 )
+from vaelab.training.objective import Loss
+from vaelab.training.step import StepStats
 from vaelab.training.stops import first_stop
 
 log = logging.getLogger("vaelab")
 
 
 class _Evaluation(torch.nn.Module):
-    """What EvalMetrics.update computes from a model, with every draw given: a pure function of the weights, for
-    vmap over members (functional_call replaces `model.*`)."""
+    """The one evaluation function (evaluation_outputs) as a module of a member's model, every draw given: a pure
+    function of the weights, for vmap over members (functional_call replaces `model.*`)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x, noise, chunks):
-        terms = self.model.elbo_terms(x, noise)
-        log_w = (torch.cat([self.model.log_importance_weights(x, c.shape[0], noise=c) for c in chunks]) if chunks
-                 else x.new_zeros(0))
-        return terms.recon, terms.kl_layers, self.model.posterior_means(x), log_w
+        outputs = evaluation_outputs(self.model, x, noise, [(c.shape[0], c) for c in chunks] if chunks else None)
+        return outputs[:3] + ((x.new_zeros(0),) if outputs[3] is None else outputs[3:])
 
 
 class StackGroup:
@@ -91,7 +91,7 @@ class StackGroup:
         self.slots: dict[str, torch.Tensor] = {}
         self.first: dict | None = None  # what the first member to join built: the stack's shape
         self.steps_run = 0
-        self.progress = Progress(self)
+        self.progress = Progress(self.members)
 
     def logger_names(self) -> tuple[str, ...]:
         return self._logger_names
@@ -119,7 +119,6 @@ class StackGroup:
 
     def _member_main(self, i: int, job: Callable[[], object]) -> None:
         member = self.members[i]
-        enter(member)
         self._wait_turn(i)
         try:
             member.result = job()
@@ -203,13 +202,16 @@ class StackGroup:
         if self.stack is None:
             with torch.random.fork_rng(devices=[]):  # its initial weights are never used: the member's RNG is left as it was
                 template = build_from_spec(built["spec"]).to(self.device)
-            self.stack = Stack(template, self.n, built["optimizer"])
+            loss = built.get("loss") or Loss()
+            self.stack = Stack(template, self.n, built["optimizer"], loss)
             steps, batch = built["steps per execution"], built["batch size"]
             zeros = lambda *shape: torch.zeros(shape, device=self.device)  # noqa: E731
             self.slots = {"images": zeros(self.n, steps, batch, *template.image_shape),
-                          "noise": zeros(self.n, steps, batch, sum(template.latent_dims)), "weight": zeros(self.n, steps),
-                          "hyper": torch.zeros(self.n, len(HYPER)),  # on the host, filled there: moved once a round
-                          "step_rows": zeros(self.n, steps, len(template.latent_dims) + 2)}
+                          "noise": zeros(self.n, steps, *loss.noise_shape(batch, sum(template.latent_dims))),
+                          "weight": zeros(self.n, steps),
+                          # on the host, filled there by the members: moved once a round
+                          "hyper": torch.zeros(self.n, len(HYPER)), "free_bits": torch.zeros(self.n),
+                          "step_rows": zeros(self.n, steps, StepStats.width(len(template.latent_dims)))}
             log.info("stacked: %s of %s, %s, on %s", plural(self.n, "member"), type(template).__name__,
                      f"{sum(p.numel() for p in template.parameters()):,} parameters each", self.device)
         stack = self.stack
@@ -225,8 +227,11 @@ class StackGroup:
                 "slots": self.slots}
 
     def _refusal(self, i: int, built: dict) -> str | None:
-        shown = {**built, "model": json.dumps(built["spec"], sort_keys=True, default=str)}
+        loss = built.get("loss") or Loss()  # the ELBO unless the member says otherwise
+        shown = {**built, "model": json.dumps(built["spec"], sort_keys=True, default=str),
+                 "objective": "{} (k={})".format(*loss.shape())}
         shown.pop("spec")
+        shown.pop("loss", None)
         if self.first is None:
             self.first = {"built": shown, "by": self.members[i].name}
             return None
@@ -291,13 +296,14 @@ class StackGroup:
         clip = bool(torch.isfinite(host[:, HYPER.index("max_grad_norm")]).any())
         decay = bool((host[:, HYPER.index("weight_decay")] != 0).any())
         hyper = host.to(self.device, non_blocking=True)
+        free_bits = slots["free_bits"].to(self.device, non_blocking=True)
         size = waiting[0].request.size  # one batch size: a stack's members share it (register)
         stopped = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         for k in range(max(m.request.n for m in waiting)):
             active = counts > k
             weight = torch.where(stopped, torch.nan, slots["weight"][:, k])  # a stopped member's objective: NaN
-            step = StepStats(stack.train_step(slots["images"][:, k, :size], slots["noise"][:, k, :size], weight,
-                                              hyper, active, clip=clip, decay=decay))
+            step = StepStats(stack.train_step(slots["images"][:, k, :size], slots["noise"][:, k, ..., :size, :],
+                                              weight, free_bits, hyper, active, clip=clip, decay=decay))
             slots["step_rows"][:, k] = torch.where(active[:, None], step.table, slots["step_rows"][:, k])
             # a member whose objective is not finite takes no further step: the solo engine stops there
             stopped |= ~torch.isfinite(step.objective)

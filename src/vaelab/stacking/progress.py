@@ -7,7 +7,7 @@ import math
 import sys
 import time
 
-from vaelab.training.stack_turns import Member
+from vaelab.stacking.turns import Member
 
 
 class Progress:
@@ -15,8 +15,8 @@ class Progress:
     terminal it is redrawn in place at most once a second; otherwise a line is printed as the slowest training
     member starts a new epoch."""
 
-    def __init__(self, group) -> None:  # its StackGroup
-        self.group = group
+    def __init__(self, members: list[Member]) -> None:  # its StackGroup's
+        self.members = members
         self.start = time.perf_counter()
         self.images = 0
         self.last_epoch = -1
@@ -30,7 +30,7 @@ class Progress:
             r = m.request
             self.images += r.n * r.size
             self.steps[m.index] = (r.step0 + r.n, max(1, r.steps_per_epoch), r.max_epochs)
-        training = [self.steps[m.index] for m in self.group.members if m.joined and m.index in self.steps]
+        training = [self.steps[m.index] for m in self.members if m.joined and m.index in self.steps]
         if not training:
             return
         epoch = min((done - 1) // per for done, per, _ in training)  # the epoch of each one's last step
@@ -46,7 +46,7 @@ class Progress:
         done_steps = sum(self.steps[i][0] for i in self.steps)
         eta = max(left) / (done_steps / len(self.steps) / elapsed) if left and done_steps else math.nan
         epochs = max((total for *_, total in training if total and total > 0), default=0)
-        line = (f"stacked: {len(training)} of {self.group.n} members training, epoch {min(epoch + 1, epochs or epoch + 1)}"
+        line = (f"stacked: {len(training)} of {len(self.members)} members training, epoch {min(epoch + 1, epochs or epoch + 1)}"
                 f"{f'/{epochs}' if epochs else ''}, {rate:,.0f} img/s, ETA {format_seconds(eta)}")
         if self.tty:
             print(f"\r{line}\033[K", end="", flush=True)

@@ -1,16 +1,15 @@
-"""A stacked sweep's members taking turns: which member this thread runs (current_member), what a member hands its
-group (Request: optimiser steps; EvalRequest: an evaluation batch), and the Member itself: its state between turns,
+"""A stacked sweep's members taking turns: what a member hands its group (Request: optimiser steps; EvalRequest: an evaluation batch), and the Member itself: its state between turns,
 with the per-process state it owns while it runs (generators, logging handlers, whatever else its launcher names),
-saved and restored at each hand-over. stack_group.py's StackGroup runs the turns."""
+saved and restored at each hand-over. group.py's StackGroup runs the turns."""
 
 from __future__ import annotations
 
 import logging
 import random
 import signal
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,16 +18,10 @@ from vaelab.errors import VaelabError
 
 READY, WAITING, DONE = "ready", "waiting", "done"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-_here = threading.local()  # the member whose thread this is
 
 
 class StackError(VaelabError):
     """A member that cannot join its stack, or a stack that cannot go on: said in one line."""
-
-
-def current_member() -> Member | None:
-    """The stack member this thread runs, or None outside a stacked sweep."""
-    return getattr(_here, "member", None)
 
 
 def logging_state(names) -> dict:
@@ -41,6 +34,22 @@ def restore_logging(state: dict) -> None:
     for name, (handlers, level, propagate, disabled) in state.items():
         lg = logging.getLogger(name)
         lg.handlers[:], lg.level, lg.propagate, lg.disabled = handlers, level, propagate, disabled
+
+
+class Group(Protocol):
+    """What a member asks of its group (group.py's StackGroup): to join the stack, to have its steps or evaluation
+    batch run, to leave; and what it reads at a hand-over (the signal that came, the state it owns while it runs)."""
+
+    signalled: str | None
+    swaps: list[tuple[Callable, Callable]]
+
+    def logger_names(self) -> tuple[str, ...]: ...
+
+    def register(self, i: int, built: dict, params: dict, adam: dict | None) -> dict: ...
+
+    def step(self, i: int, request: Request | EvalRequest) -> None: ...
+
+    def retire(self, i: int) -> None: ...
 
 
 @dataclass
@@ -72,18 +81,13 @@ class EvalRequest:
         return (tuple(self.x.shape), tuple(self.noise.shape), tuple(tuple(c.shape) for c in self.chunks))
 
 
-def enter(member: Member) -> None:
-    """This thread runs `member` (its group's member thread, at its start)."""
-    _here.member = member
-
-
 @dataclass
 class Member:
     """A member's thread and what it holds between its turns."""
 
     index: int
     name: str
-    group: Any  # its StackGroup (stack_group.py, which imports this module)
+    group: Group
     status: str = READY
     joined: bool = False  # registered with the stack and not yet retired: its steps are stacked
     request: Request | EvalRequest | None = None
