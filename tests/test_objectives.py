@@ -178,6 +178,7 @@ def test_loss_iwae_trains_with_each_model_prior_posterior_and_likelihood(train_i
     overrides += ["data.binarize=none"] if likelihood != "bernoulli" else []  # the 8-bit images
     out, results = train_in_process(*overrides)
     m = results["metrics"]
+    assert (results["objective"], results["objective_samples"]) == ("iwae", 3)
     assert all(math.isfinite(m[k]) for k in ("test/nll", "test/elbo", "train/loss", "train/grad_norm")), m
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     objective = [float(r["train_step/objective"]) for r in rows if r.get("train_step/objective")]

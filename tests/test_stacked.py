@@ -180,6 +180,11 @@ def test_jobs_group_by_the_keys_that_fix_shapes_and_code():
     assert "model differs between jobs (vanilla, deep)" in said and "prior differs between jobs (standard, vamp)" in said
     assert "model.latent_dim differs between jobs (40, 20)" in said and "job 4 runs alone" in said
     assert split(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    # the objective and its samples fix the step's noise and code: the ELBO and two IWAE bounds, three stacks
+    bounds = [compose(*o) for o in ([], ["loss=iwae"], ["loss=iwae", "loss.samples=9"], ["loss=iwae", "seed=7"])]
+    groups, notes = group_jobs([job_facts(c) for c in bounds])
+    assert [g.jobs for g in groups] == [[0], [1, 3], [2]], notes
+    assert "loss.samples differs between jobs (1, 5, 9)" in "\n".join(notes), notes
 
 
 def test_each_parallel_job_gets_its_gpu_and_its_share_of_the_cores(monkeypatch):

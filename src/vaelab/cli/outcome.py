@@ -35,6 +35,9 @@ def results_of(cfg: DictConfig, trainer: L.Trainer, model, metrics: dict, state:
         # what the likelihood was given, and so what test/nll and test/bpd are (vaelab/pixels.py)
         "pixels": (pixels := getattr(trainer.datamodule, "pixels", None)),
         "bpd_means": MEANING.get(pixels),
+        # what training optimised (training/objective.py): elbo, or iwae with its k samples
+        "objective": cfg.loss.get("objective", "elbo"),
+        "objective_samples": cfg.loss.get("samples", 1),
         "seed": cfg.seed,
         "tags": list(cfg.get("tags", [])),
         "epochs": trainer.current_epoch,

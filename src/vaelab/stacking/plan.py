@@ -15,12 +15,14 @@ from vaelab.devices import on_gpu
 from vaelab.errors import ConfigError
 from vaelab.stacking.stack import STACKED_OPTIMIZERS
 
-# The config that fixes a member's tensor shapes and code: jobs that agree on all of it train as one stack. Every
-# other key (seed, loss.*, optim.lr and weight_decay, trainer.max_epochs and max_steps, callbacks, loggers, eval,
+# The config that fixes a member's tensor shapes and code: jobs that agree on all of it train as one stack (the
+# objective and its samples fix the step's noise and code). Every other key (seed, loss.beta, loss.warmup_epochs,
+# loss.free_bits, optim.lr and weight_decay, trainer.max_epochs and max_steps, callbacks, loggers, eval,
 # scheduler, data.seed and data.subset, ...) may differ between the members of a stack.
 SHAPE_KEYS = ("model", "prior", "posterior", "likelihood", "data.name", "data.batch_size", "data.binarize",
               "data.device", "optim._target_", "trainer.accelerator", "trainer.devices", "trainer.strategy",
-              "trainer.num_nodes", "trainer.precision", "trainer.steps_per_execution", "compile", "matmul_precision")
+              "trainer.num_nodes", "trainer.precision", "trainer.steps_per_execution", "compile", "matmul_precision",
+              "loss.objective", "loss.samples")
 # the job facts the plan reads: {dotted config key: its resolved value} (None where the config has no such key)
 FACT_KEYS = (*SHAPE_KEYS, "optim.amsgrad", "optim.maximize")
 
