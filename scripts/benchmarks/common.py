@@ -38,6 +38,23 @@ def table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
 
 
+def run_budget_sweep(args, sweep_dir: Path, *overrides: str) -> float:
+    """A sweep of the real app at a benchmark's budget (args: seeds, subset, epochs, k, test_images), offline, into
+    sweep_dir, with `overrides`; its wall time in seconds. Run again, it continues its sweep (resume=auto): finished
+    jobs are kept, stopped ones continue."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "vaelab.cli.train", "-m", f"seed={args.seeds}", f"data.subset={args.subset}",
+           f"trainer.max_epochs={args.epochs}", f"eval.importance_samples={args.k}",
+           f"trainer.limit_test_batches={args.test_images // 500}", "logger=csv", "extras.print_config=false",
+           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}", *overrides, "resume=auto"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    env = dict(os.environ, WANDB_MODE="offline", VAELAB_DATA_DIR=str(DATA))
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

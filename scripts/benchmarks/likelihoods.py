@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, OUT, ROOT, save, table
+from common import DATA, OUT, run_budget_sweep, save, table
 
 from vaelab.data import ImageDataModule
 from vaelab.models import (
@@ -72,19 +70,6 @@ def images_per_second(likelihood, binarised: bool, steps: int, batch: int = 100)
     return steps * batch / (time.perf_counter() - t0)
 
 
-def run_sweep(args, sweep_dir: Path) -> float:
-    cmd = [sys.executable, "-m", "vaelab.cli.train", "experiment=compare_likelihoods", f"seed={args.seeds}",
-           f"data.subset={args.subset}", f"trainer.max_epochs={args.epochs}", f"eval.importance_samples={args.k}",
-           f"trainer.limit_test_batches={args.test_images // 500}", "logger=csv", "extras.print_config=false",
-           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}",
-           "resume=auto"]  # run again, it continues its sweep: finished jobs are kept, stopped ones continue
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
-    env = dict(os.environ, WANDB_MODE="offline", VAELAB_DATA_DIR=str(DATA))
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1,2")
@@ -104,7 +89,7 @@ def main() -> None:
     figures: dict = {"images_per_s": speed}
     if not args.skip_sweep:
         sweep_dir = OUT / "likelihoods_sweep"
-        wall = run_sweep(args, sweep_dir)
+        wall = run_budget_sweep(args, sweep_dir, "experiment=compare_likelihoods")
         results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
         by: dict[str, list[dict]] = {}
         for r in results:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, OUT, ROOT, save, table
+from common import DATA, OUT, run_budget_sweep, save, table
 
 from vaelab.data import ImageDataModule
 from vaelab.models import VAE
@@ -54,19 +52,6 @@ def images_per_second(loss: Loss, steps: int, measure_norm: bool = True, batch: 
             grad_norm(params)
         opt.step()
     return steps * batch / (time.perf_counter() - t0)
-
-
-def run_sweep(args, sweep_dir: Path, *overrides: str) -> float:
-    cmd = [sys.executable, "-m", "vaelab.cli.train", "-m", f"seed={args.seeds}", f"data.subset={args.subset}",
-           f"trainer.max_epochs={args.epochs}", "loss.warmup_epochs=1", f"eval.importance_samples={args.k}",
-           f"trainer.limit_test_batches={args.test_images // 500}", "logger=csv", "extras.print_config=false",
-           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}", *overrides,
-           "resume=auto"]  # run again, it continues its sweep: finished jobs are kept
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
-    env = dict(os.environ, WANDB_MODE="offline", VAELAB_DATA_DIR=str(DATA))
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -97,7 +82,7 @@ def main() -> None:
         for name, loss in objectives.items():
             sweep_dir = OUT / f"objectives_{name.replace(' k=', '_k')}"
             extra = [] if loss.objective == "elbo" else ["loss.objective=iwae", f"loss.samples={loss.samples}"]
-            walls[name] = run_sweep(args, sweep_dir, *extra)
+            walls[name] = run_budget_sweep(args, sweep_dir, "loss.warmup_epochs=1", *extra)
             runs[name] = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
         out_rows = []
         for name, rs in runs.items():

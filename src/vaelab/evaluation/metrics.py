@@ -73,6 +73,15 @@ def evaluation_outputs(model, x: Tensor, noise: Tensor, chunks: list[tuple[int, 
     return terms.recon, terms.kl_layers, model.posterior_means(x), log_w
 
 
+def compute_restored(metric: Metric):
+    """metric.compute(), also for a run resumed at an epoch's end: its sums come from the checkpoint (persistent
+    states), and torchmetrics, which counts only this start's updates, would warn that there were none."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=rf"The ``compute`` method of metric {type(metric).__name__} was "
+                                                  "called before")
+        return metric.compute()
+
+
 class ElboMeans(Metric):
     """Running means of -ELBO's terms over an epoch: recon and each layer's KL, as summed states.
     One cheap on-device update per step, one log per epoch: no per-step logging cost, right under DDP."""
@@ -93,11 +102,7 @@ class ElboMeans(Metric):
         self.count += recon.shape[0] if count is None else count
 
     def compute_restored(self) -> dict[str, Tensor]:
-        """compute(), also for a run resumed at an epoch's end: its sums come from the checkpoint (a persistent
-        state), and torchmetrics, which counts only this start's updates, would warn that there were none."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric ElboMeans was called before")
-            return self.compute()
+        return compute_restored(self)
 
     def compute(self) -> dict[str, Tensor]:
         mean = (self.total / self.count).float()

@@ -5,7 +5,6 @@ asynchronous copies or as summed metric states."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from vaelab.errors import NonFiniteLossError
+from vaelab.evaluation.metrics import compute_restored
 from vaelab.training.step import STATS, StepStats
 
 CURVES = [s.name for s in STATS if s.curve]  # train_step/<name>, beside the ELBO's curves
@@ -131,7 +131,4 @@ class StepMeans(Metric):
         return dict(zip(EPOCH_MEANS, mean))
 
     def compute_restored(self) -> dict[str, Tensor]:
-        """compute(), also for a run resumed at an epoch's end (its sums from the checkpoint)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric StepMeans was called before")
-            return self.compute()
+        return compute_restored(self)
