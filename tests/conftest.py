@@ -51,6 +51,9 @@ def app_env() -> dict:
                PYTHONUNBUFFERED="1", VAELAB_DATA_DIR=str(DATA_DIR),
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
     env.pop("WANDB_API_KEY", None)
+    # the test worker's own W&B service (started by an in-process run), which a child would otherwise join: a run
+    # killed there stays open in it, and the resumed run, joining it too, is refused ("run ID ... is in use")
+    env.pop("WANDB_SERVICE", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

@@ -4,6 +4,7 @@ themselves come from full runs, never from tests)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, app_env
@@ -16,6 +17,8 @@ SMALL = {
     "sweep_throughput": ["--ns", "1,2", "--steps", "2", "--no-app"],
     "objectives": ["--seeds", "1", "--subset", "200", "--epochs", "1", "--k", "4", "--test-images", "500",
                    "--samples", "2", "--steps", "2"],
+    "ladder": ["--epochs", "1", "--subset", "300", "--k", "2", "--lrs", "5e-4", "--blocks", "2", "--block", "10",
+               "--speed-overrides", "model.width=8", "model.cell_width=4", "model.latent_channels=2"],
 }
 
 
@@ -35,6 +38,12 @@ def test_benchmark_runs_and_writes_its_figures(fashion_mnist, tmp_path, name):
             assert r["stacked_img_s"] > 0 and r["sequential_img_s"] > 0 and r["peak_rss_mb"] > 0 and r["device"]
             assert r["host_syncs_per_step"] == 0  # the stacked step never waits for the host
         assert rows[0]["ops_per_step"] == rows[1]["ops_per_step"] > 0  # flat in N
+    if name == "ladder":  # the three families trained at one budget, the ladder timed and sampled at two temperatures
+        assert sorted(r["model"] for r in rows) == ["deep", "ladder", "vanilla"]
+        ladder = next(r for r in rows if r["model"] == "ladder")
+        assert ladder["active layers"].endswith("/7") and len(ladder["KL per layer"].split()) == 7
+        assert figures["speed"]["vaelab images/s"] > 0 and figures["speed"]["ratio"] > 0
+        assert set(figures["samples"]) == {"1", "0.7"} and all(Path(p).is_file() for p in figures["samples"].values())
     if name == "objectives":  # the ELBO and the IWAE bound trained by the app, and their steps timed
         assert set(rows) == {"elbo", "iwae k=2"} and all(r["seeds"] == 1 for r in rows.values())
         assert figures["images_per_s"]["iwae k=2"] > 0 and figures["elbo_without_grad_norm"] > 0

@@ -91,7 +91,8 @@ def test_a_directory_a_live_run_owns_is_refused_and_left_untouched(tmp_path, fas
         assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config
     finally:
         live.send_signal(signal.SIGTERM)
-        live.communicate(timeout=120)
+        out, err = live.communicate(timeout=120)
+    assert (run_dir / "results.json").is_file(), (live.returncode, out[-2000:], err[-3000:])  # what the run said
     assert json.loads((run_dir / "results.json").read_text())["status"] == "preempted"
     assert not (run_dir / "run.lock").exists()  # released at the end: the same command can continue it
     again = run_app(*SMALL, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", "resume=auto")

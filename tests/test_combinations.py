@@ -17,6 +17,10 @@ PRIORS = ["standard", "vamp", "mog"]
 POSTERIORS = ["gaussian", "iaf"]
 CASES = [(m, p, q, "bernoulli") for m in MODELS for p in PRIORS for q in POSTERIORS]
 CASES += [(m, "standard", "gaussian", "gaussian") for m in MODELS]
+# the top-down ladder: its top layer a vector, so every prior and the flow act there; and a Gaussian likelihood
+CASES += [("ladder", p, q, "bernoulli") for p, q in (("standard", "gaussian"), ("vamp", "gaussian"), ("mog", "iaf"))]
+CASES += [("ladder", "standard", "gaussian", "gaussian")]
+LADDER = ["model.width=8", "model.cell_width=4", "model.latent_channels=2", "model.encoder_blocks=[1,1,1]"]
 
 
 def compose_tool(name: str, *overrides: str):
@@ -29,10 +33,10 @@ def compose_tool(name: str, *overrides: str):
 @pytest.mark.parametrize("model,prior,posterior,likelihood", CASES, ids=["-".join(c) for c in CASES])
 def test_every_combination_trains_tests_and_every_tool_takes_it(train_in_process, fashion_mnist, tmp_path, model,
                                                                  prior, posterior, likelihood):
+    sizes = LADDER if model == "ladder" else ["model.hidden_dim=64", "model.latent_dim=8"]
     overrides = [f"model={model}", f"prior={prior}", f"posterior={posterior}", f"likelihood={likelihood}",
                  "logger=csv", "data.subset=200", "trainer.max_epochs=1", "eval.importance_samples=8",
-                 "model.hidden_dim=64", "model.latent_dim=8", "callbacks.image_grids.num_samples=16",
-                 "extras.print_config=false"]
+                 *sizes, "callbacks.image_grids.num_samples=16", "extras.print_config=false"]
     overrides += {"vamp": ["prior.num_components=20"], "mog": ["prior.num_components=5"]}.get(prior, [])
     overrides += ["posterior.hidden_dim=32"] if posterior == "iaf" else []
     overrides += ["data.binarize=none"] if likelihood == "gaussian" else []
@@ -43,11 +47,12 @@ def test_every_combination_trains_tests_and_every_tool_takes_it(train_in_process
     for key in ("test/nll", "test/elbo", "test/kl", "test/recon", "test/bpd", "test/active_units"):
         assert math.isfinite(m[key]), (key, m)
     assert m["test/elbo"] <= -m["test/nll"] + 3 * m["test/nll_mc_se"] + 1.0  # the bound sits above the ELBO
-    layers = 2 if "deep" in model else 1
-    assert ("test/kl_2" in m) == (layers == 2) and ("train/kl_2" in m) == (layers == 2)
-    if layers == 2:
-        assert m["test/kl"] == pytest.approx(m["test/kl_1"] + m["test/kl_2"], rel=1e-4)
-        assert "test/active_units_1" in m and "test/active_units_2" in m
+    layers = {"deep": 2, "conv_deep": 2, "ladder": 7}.get(model, 1)
+    assert ("test/kl_2" in m) == (layers > 1) and ("train/kl_2" in m) == (layers > 1)
+    assert f"test/kl_{layers}" in m or layers == 1 and f"test/kl_{layers + 1}" not in m
+    if layers > 1:
+        assert m["test/kl"] == pytest.approx(sum(m[f"test/kl_{i}"] for i in range(1, layers + 1)), rel=1e-4)
+        assert all(f"test/active_units_{i}" in m for i in range(1, layers + 1))
     closed_form = prior == "standard" and posterior == "gaussian"
     assert ("closed-form" in results["kl_estimator"]) == closed_form
     assert ("log-determinants" in results["kl_estimator"]) == (posterior == "iaf")

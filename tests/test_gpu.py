@@ -20,7 +20,9 @@ def _train(tmp_path, name, *overrides):
 
 
 @pytest.mark.parametrize("model", ["model=vanilla", "model=deep prior=vamp prior.num_components=50",
-                                   "model=deep posterior=iaf loss=iwae loss.samples=3"])
+                                   "model=deep posterior=iaf loss=iwae loss.samples=3",
+                                   # the ladder, with the EMA and gradient skipping (masked inside the graph)
+                                   "model=ladder trainer.ema_rate=0.9 trainer.gradient_skip_threshold=260"])
 def test_a_replayed_graph_takes_the_steps_eager_steps_take(tmp_path, model):
     """Static binarisation leaves the reparameterisation noise as the only draw, and a replayed graph draws
     from the same generator positions as eager steps: the two runs must agree to float rounding."""

@@ -177,13 +177,13 @@ def test_the_launcher_plugin_has_no_import_cycle_and_the_solo_path_no_thread_loc
 
 def test_the_engine_is_built_from_plain_arguments_not_from_the_module():
     """The engine owns whole optimiser steps; it is given the model, the optimiser, the objective, how to clip and
-    backpropagate, and how often to check, and never holds the LightningModule that drives it."""
+    backpropagate, how often to check, the weights' average and when to skip an update, and never holds the LightningModule that drives it."""
     import inspect
 
     from vaelab.training.engine import CudaGraphEngine, StepEngine
 
     assert list(inspect.signature(StepEngine).parameters) == ["model", "optimizer", "loss", "images", "clip",
-                                                              "backward", "check_every"]
+                                                              "backward", "check_every", "average", "skip_above"]
     source = inspect.getsource(inspect.getmodule(StepEngine))
     assert "lightning" not in source.split('"""', 2)[2] and "LightningModule" not in source
     assert issubclass(CudaGraphEngine, StepEngine)

@@ -98,7 +98,8 @@ def test_a_signal_in_the_test_phase_is_a_preemption_and_resume_tests_without_tra
     assert stopped["status"] == "preempted" and stopped["phase"] == "test"
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "finished" and "test/nll" in res["metrics"] and res["preemptions"] == 1
-    assert res["global_step"] == stopped["global_step"] and res["train_time_s"] >= trained > 0
+    # results.json gives the training time to the hundredth of a second, run_state.json in full
+    assert res["global_step"] == stopped["global_step"] and res["train_time_s"] >= round(trained, 2) > 0
     assert not any(ln.startswith("epoch ") for ln in resumed.stdout.splitlines())  # no training again
 
 

@@ -14,11 +14,21 @@ DDP = [*TINY, "trainer=ddp_cpu", "trainer.devices=2", "data.subset=400", "data.b
 
 
 def test_ddp_on_two_processes_shards_data_and_matches_one_process_on_the_same_weights(tmp_path, fashion_mnist):
+    """model=ladder with the stabilisers, every update skipped: each rank skips the same steps (the norm is of the
+    all-reduced gradient), so train/skipped_steps counts one rank's steps, not their sum; the moving average is
+    what the run tested and what vaelab-eval evaluates."""
+    import csv
+
     run_dir = tmp_path / "ddp"
-    proc = run_app(*DDP, f"hydra.run.dir={run_dir}")
+    proc = run_app(*DDP, f"hydra.run.dir={run_dir}", "model=ladder", "model.width=8", "model.cell_width=4",
+                   "model.latent_channels=2", "model.encoder_blocks=[1,1,1]", "trainer.ema_rate=0.5",
+                   "trainer.gradient_skip_threshold=1e-6")
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads((run_dir / "results.json").read_text())
     assert res["global_step"] == 2 * 400 // (2 * 50)  # each process takes half of every epoch
+    with open(run_dir / "metrics.csv") as f:
+        skipped = [float(r["train/skipped_steps"]) for r in csv.DictReader(f) if r.get("train/skipped_steps")]
+    assert skipped == [4.0, 4.0]  # 4 steps an epoch on each rank
     assert (run_dir / "train_ddp_process_1.log").is_file()  # a second process really ran
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per rank
     history = wandb_files.history(res["wandb"]["dir"])

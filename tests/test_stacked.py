@@ -185,6 +185,10 @@ def test_jobs_group_by_the_keys_that_fix_shapes_and_code():
     groups, notes = group_jobs([job_facts(c) for c in bounds])
     assert [g.jobs for g in groups] == [[0], [1, 3], [2]], notes
     assert "loss.samples differs between jobs (1, 5, 9)" in "\n".join(notes), notes
+    # the stabilisers are each member's own: jobs with and without them share a stack
+    stabilised = [compose(*o) for o in ([], ["trainer.ema_rate=0.999"], ["trainer.gradient_skip_threshold=100"])]
+    groups, notes = group_jobs([job_facts(c) for c in stabilised])
+    assert [g.jobs for g in groups] == [[0, 1, 2]] and notes == []
 
 
 def test_each_parallel_job_gets_its_gpu_and_its_share_of_the_cores(monkeypatch):
@@ -601,3 +605,93 @@ def test_scheduled_members_follow_their_own_schedules_without_a_warning(tmp_path
         with open(stacked / job / "metrics.csv") as f:
             rates.append([float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")])
     assert rates[0] == pytest.approx([5e-4, 2.5e-4]) and rates[1] == pytest.approx([5e-4, 1.25e-4])
+
+
+LADDER = ["model=ladder", "model.width=8", "model.cell_width=4", "model.latent_channels=2",
+          "model.encoder_blocks=[1,1,1]"]
+
+
+def test_a_ladder_sweep_stacks_and_each_member_is_its_solo_run(tmp_path, fashion_mnist):
+    """model=ladder through vmap: its convolutions, spatial latents and top-down pass, stacked, are each member's solo
+    run to 1e-4 (every metric of results.json), with the KL per layer of all seven layers; with an EMA of the
+    weights, which the stack keeps for each member and the member validates, tests and checkpoints."""
+    args = [*LADDER, "seed=1,2", "trainer.max_epochs=1", "trainer.ema_rate=0.9", "data.subset=200",
+            "eval.importance_samples=8"]
+    solo, _ = sweep(tmp_path, *args, name="solo")
+    stacked, proc = sweep(tmp_path, *STACKED, *args, name="stacked")
+    assert "2 jobs as one stacked model on cpu" in proc.stdout + proc.stderr
+    want = members(solo)
+    assert len(want) == 2 and all("test/kl_7" in r["metrics"] for r in want.values())
+    assert_same_runs(members(stacked), want)
+
+
+def test_a_stacked_ladder_step_is_each_members_solo_step_and_skips_and_averages_as_it_does():
+    """Three ladder members, one whose threshold skips every update and one whose threshold skips none, two with a
+    moving average of their weights: five stacked steps give each member's solo objectives, weights and average
+    (stabilisers.apply_unless_skipped and WeightAverage), and the skipped member's weights and Adam state never
+    move."""
+    import torch
+
+    from vaelab.models import LadderVAE
+    from vaelab.stacking.stack import Stack, hyper_row
+    from vaelab.training.stabilisers import WeightAverage, apply_unless_skipped
+    from vaelab.training.step import StepStats, grad_norm
+
+    def make():
+        return LadderVAE((1, 12, 12), resolutions=[6, 3, 1], latent_layers=[1, 1, 1], encoder_blocks=[1, 1, 1],
+                         width=8, cell_width=4, latent_channels=2)
+
+    members = []
+    for i in range(3):
+        torch.manual_seed(i)
+        members.append(make())
+    start = [p.detach().clone() for p in members[1].parameters()]
+    rates = [0.9, 0.0, 0.5]
+    averages = [WeightAverage(m, r) if r else None for m, r in zip(members, rates)]
+    stack = Stack(members[0], 3, "adam")
+    stack.add_average()
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            for name, p in m.named_parameters():
+                stack.params[name][i].copy_(p)
+                stack.ema[name][i].copy_(p)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in members]
+    skips = [None, 1e-6, 1e9]
+    gen = torch.Generator().manual_seed(0)
+    dim = sum(members[0].latent_dims)
+    skipped = []
+    for _ in range(5):
+        x = torch.rand(3, 8, 1, 12, 12, generator=gen).bernoulli(generator=gen)
+        noise = torch.randn(3, 8, dim, generator=gen)
+        weight = torch.tensor([1.0, 0.5, 1.0])
+        solo = []
+        for i, m in enumerate(members):
+            terms = m(x[i], noise[i])
+            objective = terms.recon.mean() + weight[i] * terms.kl_layers.mean(1).sum()
+            opts[i].zero_grad()
+            objective.backward()
+            norm = grad_norm(list(m.parameters()))
+            skip = torch.tensor(False) if skips[i] is None else (norm > skips[i])
+
+            def step(i=i):
+                opts[i].step()
+                if averages[i] is not None:
+                    averages[i].update()
+
+            apply_unless_skipped(step, skip, opts[i], list(m.parameters()), averages[i])
+            solo.append(objective.item())
+        hyper = torch.tensor([hyper_row(o.param_groups[0], "adam", None, s, r) for o, s, r in zip(opts, skips, rates)])
+        got = StepStats(stack.train_step(x, noise, weight, torch.zeros(3), hyper, torch.ones(3, dtype=torch.bool)))
+        assert got.objective.tolist() == pytest.approx(solo, rel=1e-4)
+        skipped.append(got.skipped_steps.tolist())
+    assert skipped == [[0.0, 1.0, 0.0]] * 5
+    for i, m in enumerate(members):
+        diffs = torch.cat([(stack.params[n][i] - p.detach()).abs().flatten() for n, p in m.named_parameters()])
+        assert diffs.max() < 1e-4, (i, diffs.max())
+        if averages[i] is not None:
+            avg = dict(averages[i].model.named_parameters())
+            diffs = torch.cat([(stack.ema[n][i] - avg[n]).abs().flatten() for n in stack.names])
+            moved = torch.cat([(stack.ema[n][i] - stack.params[n][i]).abs().flatten() for n in stack.names])
+            assert diffs.max() < 1e-5 and moved.max() > 1e-4, (i, diffs.max(), moved.max())  # an average, not a copy
+    assert all(torch.equal(a, stack.params[n][1]) for a, n in zip(start, stack.names))  # the skipped member
+    assert float(stack.step[1]) == 0 and float(stack.step[0]) == 5

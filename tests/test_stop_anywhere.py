@@ -134,3 +134,41 @@ def test_stacked_members_stopped_anywhere_resume_to_the_uninterrupted_sweep(stop
         assert_rows_close(got_rows, ref_rows)
         assert [r["epoch"] for r in got_rows if "train/loss" in r] == ["0", "1", "2"]
         assert Path(results["best_checkpoint"]).name == Path(ref["best_checkpoint"]).name
+
+
+def train_stabilised(out: Path, root: Path, *extra: str) -> dict:
+    from vaelab.cli.train import train
+
+    tiny = [o for o in TINY_RUN if not o.startswith(("model.hidden_dim", "model.latent_dim"))]
+    return train(compose(*tiny, *STABILISED, f"paths.output_dir={out}", f"data.root={root}", *extra))
+
+
+STABILISED = ["model=ladder", "model.width=8", "model.cell_width=4", "model.latent_channels=2",
+              "model.encoder_blocks=[1,1,1]", "trainer.ema_rate=0.8", "trainer.gradient_skip_threshold=265"]
+_STABILISED: dict = {}
+
+
+@pytest.mark.parametrize("where", ["step:6", "val:1", "test:0"])
+def test_a_stabilised_ladder_stopped_anywhere_resumes_to_the_uninterrupted_run(where, tmp_path, tmp_path_factory,
+                                                                              fashion_mnist, monkeypatch):
+    """model=ladder with an EMA of its weights and gradient skipping: the average and the skip count are in the
+    checkpoint, so a stop inside an epoch, in validation, at an epoch's end or in the test phase resumes to the
+    uninterrupted run (which skips some updates and not others)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    if not _STABILISED:
+        out = tmp_path_factory.mktemp("stabilised") / "run"
+        _STABILISED.update(results=train_stabilised(out, fashion_mnist), rows=rows(out))
+    ref, ref_rows = _STABILISED["results"], _STABILISED["rows"]
+    skipped = [float(r["train/skipped_steps"]) for r in ref_rows if "train/skipped_steps" in r]
+    assert len(skipped) == 3 and 0 < sum(skipped) < 12, skipped  # some updates skipped, not all
+    out = tmp_path / "run"
+    stopped = train_stabilised(out, fashion_mnist, *fault("StopAt", where=where, signum=signal.SIGTERM))
+    assert stopped["status"] == "preempted", stopped
+    resumed = train_stabilised(out, fashion_mnist, "resume=auto")
+    assert resumed["status"] == "finished" and resumed["global_step"] == ref["global_step"] == 12
+    for key, value in ref["metrics"].items():
+        if not key.startswith("perf/"):
+            assert math.isclose(resumed["metrics"][key], value, rel_tol=1e-4, abs_tol=1e-6), (key, value,
+                                                                                              resumed["metrics"][key])
+    got = rows(out)
+    assert got == ref_rows, [r for r in got if r not in ref_rows] + [r for r in ref_rows if r not in got]

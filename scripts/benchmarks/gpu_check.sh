@@ -4,6 +4,7 @@
 # the full test set; the default experiment with and without the fast path; several runs sharing one GPU).
 #
 #   bash scripts/benchmarks/gpu_check.sh [SECTION ...]     sections: tests train steps eval default sweep stacked
+#                                                          ladder
 #                                                          (default: all, in that order), and converged
 #                                                          (experiment=converged, hours: call it again with
 #                                                          the same sweep dir until it reports, resume=auto)
@@ -33,7 +34,7 @@ if [ -d .fmnist ] && [ ! -f "$VAELAB_DATA_DIR/FashionMNIST/raw/t10k-labels-idx1-
   mkdir -p "$VAELAB_DATA_DIR/FashionMNIST/raw"
   for f in .fmnist/*.gz; do gunzip -c "$f" > "$VAELAB_DATA_DIR/FashionMNIST/raw/$(basename "$f" .gz)"; done
 fi
-sections=${*:-tests train steps eval default sweep stacked}
+sections=${*:-tests train steps eval default sweep stacked ladder}
 has() { [[ " $sections " == *" $1 "* ]]; }
 say() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
 
@@ -145,6 +146,10 @@ if has converged; then
     hydra.sweep.dir=${CONVERGED_DIR:-/tmp/converged} >> "$LOGS/converged.log" 2>&1
   echo "exit $? after $(( $(date +%s) - start )) s"
   $PY -m vaelab.cli.report ${CONVERGED_DIR:-/tmp/converged} 2>&1 | tail -12
+fi
+if has ladder; then
+  say "model=ladder and model=ladder_gpu: training images/s against the bare loops, the whole step as one graph"
+  timeout 300 $PY $TT --models ladder ladder_gpu --blocks 4 --block 20 --tag ladder trainer=gpu 2>&1 | tail -6
 fi
 tar czf "$OUT/gpu_check.tgz" -C "$LOGS" . 2>/dev/null
 say done

@@ -46,7 +46,8 @@ MODELS = {"vanilla": ["model=vanilla", "prior=standard"], "vamp": ["model=vanill
           "deep": ["model=deep", "prior=standard"], "deep_vamp": ["model=deep", "prior=vamp"],
           "mog": ["model=vanilla", "prior=mog"], "iaf": ["model=vanilla", "prior=standard", "posterior=iaf"],
           "vamp_iaf": ["model=vanilla", "prior=vamp", "posterior=iaf"],
-          "deep_iaf": ["model=deep", "prior=standard", "posterior=iaf"]}
+          "deep_iaf": ["model=deep", "prior=standard", "posterior=iaf"],
+          "ladder": ["model=ladder", "prior=standard"], "ladder_gpu": ["model=ladder_gpu", "prior=standard"]}
 # the flow's cost: each IAF configuration against the same model and prior with the Gaussian posterior
 FLOW_PAIRS = {"iaf": "vanilla", "vamp_iaf": "vamp", "deep_iaf": "deep"}
 

@@ -4,7 +4,7 @@ The library, without Hydra:
 
     from vaelab import VAE, VampPrior, Bernoulli, VAEModule, TrainingRecipe, Loss, ImageDataModule, load_model
     from vaelab import embed, interpolate
-    from vaelab import HierarchicalVAE, MixtureOfGaussians, IAFPosterior, GaussianPosterior
+    from vaelab import HierarchicalVAE, LadderVAE, MixtureOfGaussians, IAFPosterior, GaussianPosterior
 
 The names load on first use, so `import vaelab` stays light."""
 
@@ -13,7 +13,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "VAE": "vaelab.models", "HierarchicalVAE": "vaelab.models", "StandardNormal": "vaelab.models",
+    "VAE": "vaelab.models", "HierarchicalVAE": "vaelab.models", "LadderVAE": "vaelab.models", "StandardNormal": "vaelab.models",
     "VampPrior": "vaelab.models", "Bernoulli": "vaelab.models", "Gaussian": "vaelab.models",
     "DiscretizedLogistic": "vaelab.models", "DiscretizedMixtureOfLogistics": "vaelab.models",
     "DiscretizedGaussian": "vaelab.models", "ContinuousBernoulli": "vaelab.models",

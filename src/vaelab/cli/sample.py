@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from vaelab.checks import Arg, one_of
+from vaelab.checks import Arg, one_of, positive
 from vaelab.cli.config import CONF_DIR, check_keys, refuse_unknown_keys, restore
 from vaelab.devices import pick_device
 from vaelab.errors import ConfigError, run_or_explain
@@ -21,7 +21,7 @@ from vaelab.evaluation.samplers import draw_gmm
 # vaelab-sample's counts, with upper bounds that keep a grid in memory (4,096 images of 32x32x3 floats: 50 MB)
 ARGS = [Arg("num_samples", "int", 1, high=4096), Arg("num_reconstructions", "int", 1, high=1024),
         Arg("steps", "int", 2, high=64), Arg("seed", "int", 0), one_of("sampler", "prior", "gmm"),
-        Arg("gmm_components", "int", 1, high=1000)]
+        Arg("gmm_components", "int", 1, high=1000), positive("temperature")]
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     device = pick_device(cfg.device)
     model = model.to(device)
     x = datamodule.test_set.__getitems__(list(range(cfg.num_reconstructions))).to(device)
-    grids = all_grids(model, x, num_samples=cfg.num_samples, steps=cfg.steps)
+    grids = all_grids(model, x, num_samples=cfg.num_samples, steps=cfg.steps, temperature=cfg.temperature)
     ckpt = Path(cfg.ckpt_path)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else ckpt.parent.parent / "samples" / ckpt.stem
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     for name, grid in grids.items():
         paths[name] = out_dir / f"{name}.png"
         save_image(grid, paths[name])
-        note = grid_note(name, model, cfg.num_samples)
+        note = grid_note(name, model, cfg.num_samples, cfg.temperature)
         print(f"  {name:<16} {paths[name]}" + (f" ({note})" if note else ""))
     if cfg.sampler == "gmm":
         paths.update(gmm_samples(cfg, model, datamodule, out_dir))

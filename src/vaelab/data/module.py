@@ -64,6 +64,7 @@ class ImageDataModule(L.LightningDataModule):
     binarize: none (grey-scale in [0, 1]) | static (one fixed Bernoulli draw) | dynamic (a fresh draw per
     training batch; validation and test are drawn once with a fixed seed so they stay comparable).
     subset: cap every split at this many images, for small fast runs.
+    test_subset: cap the test split at its first this many images (the importance-sampled NLL's cost on a CPU).
     device: keep the images on this device (e.g. cuda: all of Fashion-MNIST is 47 MB) instead of host memory;
         auto: on the trainer's device when that is a GPU, else in host memory.
     path: your images: a folder of PNG/JPEG files (train/ and test/ subfolders, or one folder cut by
@@ -80,6 +81,7 @@ class ImageDataModule(L.LightningDataModule):
         "eval_batch_size": positive_int("data.eval_batch_size"),
         "val_size": Arg("data.val_size", "number", 0, strict=True, auto=True),  # a count, a fraction, or auto
         "subset": positive_int("data.subset", nullable=True),
+        "test_subset": positive_int("data.test_subset", nullable=True),
     }
 
     def __init__(
@@ -91,6 +93,7 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int = 500,
         val_size: int = 10_000,
         subset: int | None = None,
+        test_subset: int | None = None,
         split_seed: int = 0,
         download: bool = True,
         seed: int = 0,
@@ -110,6 +113,7 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.root, self.binarize = name, root, binarize
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.subset, self.split_seed = val_size, subset, split_seed
+        self.test_subset = test_subset
         self.download, self.seed, self.device = download, seed, device
         self.path, self.channels, self.image_size = path, channels, image_size
         self.test_fraction, self.cache = test_fraction, cache
@@ -223,6 +227,8 @@ class ImageDataModule(L.LightningDataModule):
         train, val = train_all[perm[n_val:]], train_all[perm[:n_val]]
         if self.subset:
             train, val, test = train[: self.subset], val[: self.subset], test[: self.subset]
+        if self.test_subset:
+            test = test[: self.test_subset]
         if self.binarize == "static":
             train = binarize_once(train, self.split_seed + 1)
         if self.is_binary:  # evaluation sets are binarised once, with a fixed seed

@@ -14,8 +14,9 @@ def _grid(images: Tensor, nrow: int) -> Tensor:
 
 
 @torch.no_grad()
-def sample_grid(model, n: int = 64, nrow: int = 8) -> Tensor:
-    return _grid(model.sample(n), nrow)
+def sample_grid(model, n: int = 64, nrow: int = 8, temperature: float = 1.0) -> Tensor:
+    """n prior samples; temperature scales every layer's prior standard deviation (models/base.py sample)."""
+    return _grid(model.sample(n, temperature), nrow)
 
 
 @torch.no_grad()
@@ -100,8 +101,10 @@ def pseudo_input_grid(model, n: int = 64) -> Tensor | None:
     return _grid((u - lo) / (hi - lo) if hi > lo else u, 8)
 
 
-def grid_note(name: str, model, n: int = 64) -> str:
-    """What a grid's caption adds to its name (the pseudo-inputs' scale), or ''."""
+def grid_note(name: str, model, n: int = 64, temperature: float = 1.0) -> str:
+    """What a grid's caption adds to its name (the pseudo-inputs' scale, the samples' temperature), or ''."""
+    if name == "samples":
+        return f"temperature {temperature:g}" if temperature != 1 else ""
     span = pseudo_input_range(model, n) if name == "pseudo_inputs" else None
     return f"scaled min-max from [{span[0]:.3f}, {span[1]:.3f}]" if span else ""
 
@@ -116,11 +119,12 @@ def component_grid(model, n: int = 64) -> Tensor | None:
 
 
 @torch.no_grad()
-def all_grids(model, x: Tensor, num_samples: int = 64, steps: int = 10) -> dict[str, Tensor]:
+def all_grids(model, x: Tensor, num_samples: int = 64, steps: int = 10, temperature: float = 1.0) -> dict[str, Tensor]:
     """Every grid for a model and a fixed batch x: what the callback logs and vaelab-sample writes. With a
-    single image there is no pair to interpolate between, and that grid is left out."""
+    single image there is no pair to interpolate between, and that grid is left out. temperature: the prior
+    samples' (1: the model's prior)."""
     grids = {
-        "samples": sample_grid(model, num_samples),
+        "samples": sample_grid(model, num_samples, temperature=temperature),
         "reconstructions": reconstruction_grid(model, x),
     }
     half = min(8, x.shape[0] // 2)

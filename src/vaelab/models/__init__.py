@@ -3,6 +3,7 @@
 from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.discrete import DiscretizedGaussian, DiscretizedLogistic, DiscretizedMixtureOfLogistics
 from vaelab.models.hvae import HierarchicalVAE
+from vaelab.models.ladder import LadderVAE
 from vaelab.models.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, Likelihood
 from vaelab.models.posteriors import GaussianPosterior, IAFPosterior
 from vaelab.models.priors import MixtureOfGaussians, Prior, StandardNormal, VampPrior
@@ -21,6 +22,7 @@ __all__ = [
     "IAFPosterior",
     "MixtureOfGaussians",
     "HierarchicalVAE",
+    "LadderVAE",
     "Likelihood",
     "Prior",
     "StandardNormal",

@@ -145,8 +145,10 @@ class VAEBase(nn.Module):
         log p(x|z_i) + kl_weight * (log p(z_i) - log q(z_i|x)), the IWAE objective's KL warm-up (1: the weights)."""
         raise NotImplementedError
 
-    def sample_latents(self, n: int) -> list[Tensor]:  # pragma: no cover - interface
-        """n draws from the prior, one [n, D_l] tensor per layer (layer 1 first)."""
+    def sample_latents(self, n: int, temperature: float = 1.0) -> list[Tensor]:  # pragma: no cover - interface
+        """n draws from the prior, one [n, D_l] tensor per layer (layer 1 first); temperature scales the standard
+        deviation of every layer's prior (1: the model's own; below 1: nearer the modes, as the field samples
+        hierarchical VAEs)."""
         raise NotImplementedError
 
     def latents_from_top(self, z_top: Tensor) -> list[Tensor]:  # pragma: no cover - interface
@@ -163,9 +165,13 @@ class VAEBase(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """n images from the model: z from the prior, then the mean of p(x|z). [n, C, H, W]."""
-        return self.decode_mean(self.sample_latents(n))
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """n images from the model: z from the prior (its standard deviations times temperature at every layer),
+        then the mean of p(x|z). [n, C, H, W]."""
+        if not temperature > 0:
+            raise ConfigError(f"temperature={temperature} must be above 0 (1: the prior itself; 0.7: VDVAE's "
+                              "reduced-temperature samples)")
+        return self.decode_mean(self.sample_latents(n, temperature))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:  # pragma: no cover - interface

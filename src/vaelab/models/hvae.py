@@ -17,6 +17,7 @@ from vaelab.checks import check_args, positive_int
 from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.distributions import kl_normal_normal, log_normal_diag, reparameterize
 from vaelab.models.networks import Decoder, Encoder, GatedDense, GaussianHead, ImageFeatures, gated_mlp
+from vaelab.models.priors import sample_prior
 from vaelab.models.spec import constructor_args
 
 
@@ -165,11 +166,12 @@ class HierarchicalVAE(VAEBase):
             zs.append(cond_prior(zs[-1])[0])
         return zs[::-1]
 
-    def sample_latents(self, n: int) -> list[Tensor]:
-        z = self.prior.sample(n)
+    def sample_latents(self, n: int, temperature: float = 1.0) -> list[Tensor]:
+        z = sample_prior(self.prior, n, temperature)
         zs = [z]
         for cond_prior in reversed(self.conditional_priors):
-            z = reparameterize(*cond_prior(z))
+            mu, logvar = cond_prior(z)
+            z = mu + temperature * torch.exp(0.5 * logvar) * torch.randn_like(mu)
             zs.append(z)
         return zs[::-1]
 

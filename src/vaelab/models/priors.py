@@ -34,13 +34,28 @@ class Prior(nn.Module):
     def log_prob(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def sample(self, n: int) -> Tensor:  # pragma: no cover - interface
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:  # pragma: no cover - interface
+        """n draws [n, D]; temperature scales each draw's standard deviation (a mixture's: its component's)."""
         raise NotImplementedError
 
     def kl(self, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
         """KL(q(z|x) || p(z)) per example. Default: the one-sample Monte Carlo estimate
         log q(z|x) - log p(z) at the z ~ q(z|x) that the model drew (unbiased, no closed form needed)."""
         return log_normal_diag(z, mu, logvar) - self.log_prob(z)
+
+
+def sample_prior(prior: Prior, n: int, temperature: float = 1.0) -> Tensor:
+    """prior.sample(n, temperature); a prior of your own whose sample takes no temperature is called as
+    sample(n) at temperature 1, and refused in one sentence at any other."""
+    if temperature == 1:
+        return prior.sample(n)
+    try:
+        return prior.sample(n, temperature)
+    except TypeError as exc:
+        if "temperature" not in str(exc) and "positional argument" not in str(exc):
+            raise
+        raise ConfigError(f"{type(prior).__name__}.sample takes no temperature: give it a temperature argument "
+                          "(the standard deviation's factor) or sample at temperature=1") from None
 
 
 class StandardNormal(Prior):
@@ -56,8 +71,8 @@ class StandardNormal(Prior):
     def log_prob(self, z: Tensor) -> Tensor:
         return log_normal_standard(z)
 
-    def sample(self, n: int) -> Tensor:
-        return torch.randn(n, self.latent_dim, device=self._device_anchor.device)
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        return temperature * torch.randn(n, self.latent_dim, device=self._device_anchor.device)
 
     def kl(self, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
         return kl_normal_standard(mu, logvar).expand(z.shape[:-1])
@@ -119,10 +134,10 @@ class VampPrior(Prior):
         # log (1/K) sum_k q(z|u_k), by log-sum-exp over components so nothing underflows.
         return torch.logsumexp(log_normal_mixture(z, mu, logvar), dim=-1) - math.log(self.num_components)
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         mu, logvar = self.components()
         k = torch.randint(self.num_components, (n,), device=mu.device)
-        return mu[k] + torch.exp(0.5 * logvar[k]) * torch.randn_like(mu[k])
+        return mu[k] + temperature * torch.exp(0.5 * logvar[k]) * torch.randn_like(mu[k])
 
 
 class MixtureOfGaussians(Prior):
@@ -155,7 +170,7 @@ class MixtureOfGaussians(Prior):
         # log sum_k w_k N(z | m_k, v_k), by log-sum-exp over components
         return torch.logsumexp(log_normal_mixture(z, self.means, self.logvars) + self.log_weights(), dim=-1)
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         k = torch.multinomial(self.log_weights().exp(), n, replacement=True)
-        return self.means[k] + torch.exp(0.5 * self.logvars[k]) * torch.randn(n, self.latent_dim,
-                                                                               device=self.means.device)
+        return self.means[k] + temperature * torch.exp(0.5 * self.logvars[k]) * torch.randn(
+            n, self.latent_dim, device=self.means.device)

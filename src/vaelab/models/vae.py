@@ -10,6 +10,7 @@ from vaelab.checks import check_args
 from vaelab.models.base import ElboTerms, VAEBase
 from vaelab.models.distributions import log_normal_diag
 from vaelab.models.networks import Decoder, Encoder
+from vaelab.models.priors import sample_prior
 from vaelab.models.spec import constructor_args
 
 
@@ -74,8 +75,8 @@ class VAE(VAEBase):
             return log_p_x + kl_weight * (self.prior.log_prob(z) - log_q)
         return log_p_x + self.prior.log_prob(z) - log_q
 
-    def sample_latents(self, n: int) -> list[Tensor]:
-        return [self.prior.sample(n)]
+    def sample_latents(self, n: int, temperature: float = 1.0) -> list[Tensor]:
+        return [sample_prior(self.prior, n, temperature)]
 
     def latents_from_top(self, z_top: Tensor) -> list[Tensor]:
         return [z_top]

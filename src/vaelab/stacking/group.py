@@ -192,9 +192,9 @@ class StackGroup:
         member.stop("SIGTERM")
 
     # -- the stack -------------------------------------------------------------------------------------
-    def register(self, i: int, built: dict, params: dict, adam: dict | None) -> dict:
-        """Member i joins: its weights and Adam state (initial, or as its checkpoint restored them) go into its
-        slice of the stack; returns the stacked tensors whose slice i it then views. A member whose model, image
+    def register(self, i: int, built: dict, params: dict, adam: dict | None, average: dict | None = None) -> dict:
+        """Member i joins: its weights, Adam state and weights' average (initial, or as its checkpoint restored them)
+        go into its slice of the stack; returns the stacked tensors whose slice i it then views. A member whose model, image
         shape, batch, steps per execution or optimiser differ from the first member's is refused in one sentence."""
         refused = self._refusal(i, built)
         if refused:
@@ -222,9 +222,13 @@ class StackGroup:
             for name in stack.names:
                 stack.exp_avg[name][i].copy_(adam["exp_avg"][name] if adam else 0.0)
                 stack.exp_avg_sq[name][i].copy_(adam["exp_avg_sq"][name] if adam else 0.0)
+            if average is not None:
+                stack.add_average()
+                for name, value in average.items():
+                    stack.ema[name][i].copy_(value)
         self.members[i].joined = True
         return {"params": stack.params, "exp_avg": stack.exp_avg, "exp_avg_sq": stack.exp_avg_sq, "step": stack.step,
-                "slots": self.slots}
+                "ema": stack.ema, "slots": self.slots}
 
     def _refusal(self, i: int, built: dict) -> str | None:
         loss = built.get("loss") or Loss()  # the ELBO unless the member says otherwise

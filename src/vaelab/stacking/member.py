@@ -106,14 +106,17 @@ class StackedEngine(StepEngine):
             raise StackError("this model has parts no spec describes (a custom encoder), so it cannot be stacked")
         built = {"spec": spec, "image shape": "x".join(map(str, self.model.image_shape)), "batch size": batch,
                  "steps per execution": steps, "optimizer": self.kind, "loss": self.loss}
+        averaged = dict(self.average.model.named_parameters()) if self.average is not None else None
         shared = self.member.group.register(self.member.index, built, {n: p.detach() for n, p in self.params.items()},
-                                            adam)
+                                            adam, None if averaged is None else {n: a.detach() for n, a in averaged.items()})
         i = self.member.index
         self.shared, self.slots, self.max_epochs = shared, shared["slots"], max_epochs
         for name, p in self.params.items():
             p.data = shared["params"][name][i]
             self.optimizer.state[p] = {"step": shared["step"][i], "exp_avg": shared["exp_avg"][name][i],
                                        "exp_avg_sq": shared["exp_avg_sq"][name][i]}
+        for name, a in (averaged or {}).items():  # the average, updated by the stack after each applied step
+            a.data = shared["ema"][name][i]
 
     def run(self, batch: Tensor, n: int, step0: int) -> StepStats:
         if self.shared is None:
@@ -127,7 +130,8 @@ class StackedEngine(StepEngine):
             slots["noise"][i, k, ..., :size, :].copy_(self.loss.draw_noise(self.model, size, x.device))
             slots["weight"][i, k] = float(self.weight(step0 + k))
         group = self.optimizer.param_groups[0]
-        slots["hyper"][i] = torch.tensor(hyper_row(group, self.kind, self.max_grad_norm))
+        rate = self.average.rate if self.average is not None else 0.0
+        slots["hyper"][i] = torch.tensor(hyper_row(group, self.kind, self.max_grad_norm, self.skip_above, rate))
         slots["free_bits"][i] = self.loss.free_bits
         self.member.group.step(i, Request(n, size, step0, self.steps_per_epoch, self.max_epochs))
         # stepped, by the stack: torch's schedulers warn of a schedule stepped before its optimiser, and read that
@@ -145,6 +149,9 @@ class StackedEngine(StepEngine):
         so that nothing a later stacked step writes can reach this run (its test phase loads the best checkpoint)."""
         if self.shared is None:
             return
+        if self.average is not None:
+            for a in self.average.model.parameters():
+                a.data = a.data.clone()
         for p in self.params.values():
             p.data = p.data.clone()
             state = self.optimizer.state.get(p, {})

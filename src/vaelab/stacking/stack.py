@@ -24,8 +24,9 @@ from vaelab.training.step import StepStats, step_objective
 # the optimisers a stack implements, by the torch class a member's config instantiates (conf/optim/)
 STACKED_OPTIMIZERS = {"torch.optim.adam.Adam": "adam", "torch.optim.adamw.AdamW": "adamw",
                       "vaelab.training.optim.AdamNormGrad": "adam_normgrad"}
-# per-member optimiser hyper-parameters, one row each: [lr, weight_decay, beta1, beta2, eps, max_grad_norm]
-HYPER = ("lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm")
+# per-member optimiser hyper-parameters, one row each: [lr, weight_decay, beta1, beta2, eps, max_grad_norm,
+# skip_above, ema_rate] (inf: no clipping, no skipping; ema_rate 0: no average)
+HYPER = ("lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "skip_above", "ema_rate")
 
 
 class _Step(nn.Module):
@@ -67,6 +68,10 @@ class Stack:
 
         self.flat, self.flat_exp_avg, self.flat_exp_avg_sq = zeros((n, total)), zeros((n, total)), zeros((n, total))
         self.params, self.exp_avg, self.exp_avg_sq = views(self.flat), views(self.flat_exp_avg), views(self.flat_exp_avg_sq)
+        self._views = views
+        # the weights' moving averages (trainer.ema_rate), made when a member brings one (add_average)
+        self.flat_ema: Tensor | None = None
+        self.ema: dict[str, Tensor] = {}
         self.step = zeros((n,))
         self.names = list(shapes)
         self._work: Tensor | None = None  # the update's [N, total] buffer (gradients, then denominators), made once
@@ -75,6 +80,13 @@ class Stack:
         module = _Step(template, self.loss)
         self._step = vmap(lambda p, x, noise, weight, free_bits: functional_call(module, p,
                                                                                  (x, noise, weight, free_bits)))
+
+    def add_average(self) -> None:
+        """Keep an average of every member's weights (a flat [N, total] buffer that ema views), updated after each
+        applied step by each member's ema_rate (0: the average is the weights themselves, and unused)."""
+        if self.flat_ema is None:
+            self.flat_ema = self.flat.clone()
+            self.ema = self._views(self.flat_ema)
 
     def train_step(self, x: Tensor, noise: Tensor, weight: Tensor, free_bits: Tensor, hyper: Tensor, active: Tensor,
                    clip: bool = True, decay: bool = True) -> Tensor:
@@ -91,8 +103,9 @@ class Stack:
         update = active & torch.isfinite(objective.detach())
         # summed, not averaged: member i's gradient is its own objective's
         grads = torch.autograd.grad(torch.where(update, objective, 0.0).sum(), list(params.values()))
-        norm = self._adam(dict(zip(self.names, grads)), hyper, update, clip or self.kind == "adam_normgrad", decay)
-        return StepStats.row(**values, grad_norm=norm)
+        norm, skipped = self._adam(dict(zip(self.names, grads)), hyper, update, clip or self.kind == "adam_normgrad",
+                                   decay)
+        return StepStats.row(**values, grad_norm=norm, skipped_steps=skipped)
 
     @torch.no_grad()
     def _adam(self, grads: dict[str, Tensor], hyper: Tensor, update: Tensor, clip: bool, decay: bool) -> Tensor:
@@ -102,10 +115,10 @@ class Stack:
         on the device (no host sync), and a member outside `update` untouched (masked, not indexed out). Per
         member, the arithmetic of torch's fused kernel: the solo step's. The gradients are gathered into one
         persistent buffer, which then holds the denominators: no per-step allocation of [N, total] tensors. Returns
-        each member's gradient norm before clipping [N] (a masked member's: 0)."""
+        each member's gradient norm before clipping [N] (a masked member's: 0), and 1 where a member skipped its
+        update for a gradient norm above its skip_above (stabilisers.py's rule), else 0 [N]."""
         h = hyper.to(self.flat.device, non_blocking=True)
-        lr, wd, b1, b2, eps, max_norm = (c[:, None] for c in h.unbind(1))  # each [N, 1]
-        uf = update[:, None].float()
+        lr, wd, b1, b2, eps, max_norm, skip_above, ema_rate = (c[:, None] for c in h.unbind(1))  # each [N, 1]
         if self._work is None:
             self._work = torch.empty_like(self.flat)
         g = torch.cat([grads[n].reshape(self.n, -1) for n in self.names], 1, out=self._work)  # buffers' order
@@ -113,6 +126,9 @@ class Stack:
         segments = g.split(self.sizes, 1)  # each parameter tensor's columns
         norms = torch.stack([torch.linalg.vector_norm(s, dim=1) for s in segments], 1)  # [N, P], per member
         total = torch.linalg.vector_norm(norms, dim=1, keepdim=True)  # [N, 1]: train/grad_norm, before clipping
+        skipped = update & ((total > skip_above) & torch.isfinite(total))[:, 0]
+        update = update & ~skipped
+        uf = update[:, None].float()
         if clip:
             scale = torch.where(torch.isfinite(max_norm), (max_norm / (total + 1e-6)).clamp(max=1.0), 1.0)  # [N, 1]
             if self.kind == "adam_normgrad":  # AdamNormGrad: each tensor's clipped gradient to unit norm
@@ -141,11 +157,15 @@ class Stack:
         denom = torch.clamp(v, min=torch.finfo(v.dtype).tiny, out=g).sqrt_()
         torch.addcmul(c, denom, a, out=denom)
         p.addcdiv_(m, denom, value=-1.0)
-        return total[:, 0]
+        if self.flat_ema is not None:  # the averages, after an applied step only (stabilisers.WeightAverage's rule)
+            self.flat_ema.lerp_(p, (1 - ema_rate) * uf)
+        return total[:, 0], skipped.float()
 
 
-def hyper_row(group: dict, kind: str, max_grad_norm: float | None) -> list[float]:
+def hyper_row(group: dict, kind: str, max_grad_norm: float | None, skip_above: float | None = None,
+              ema_rate: float = 0.0) -> list[float]:
     """A member's HYPER row from its optimiser's param group (what its scheduler set this epoch)."""
     b1, b2 = group.get("betas", (0.9, 0.999))
     return [float(group["lr"]), float(group.get("weight_decay", 0.0)), float(b1), float(b2),
-            float(group.get("eps", 1e-8)), math.inf if max_grad_norm is None else float(max_grad_norm)]
+            float(group.get("eps", 1e-8)), math.inf if max_grad_norm is None else float(max_grad_norm),
+            math.inf if skip_above is None else float(skip_above), float(ema_rate)]

@@ -62,8 +62,11 @@ def model_of(ckpt: dict, path: str | Path, weights: bool = True) -> VAEBase:
 
 
 def model_state(ckpt: dict) -> dict:
-    """The VAE's own weights (the LightningModule stores them under `model.`)."""
-    return renamed_lower_posteriors({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    """The VAE's evaluation weights: the moving average's with trainer.ema_rate (under `ema_model.`), else the
+    model's own (under `model.`)."""
+    state = ckpt["state_dict"]
+    prefix = "ema_model." if any(k.startswith("ema_model.") for k in state) else "model."
+    return renamed_lower_posteriors({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from vaelab.training.objective import Loss
+from vaelab.training.stabilisers import WeightAverage, apply_unless_skipped
 from vaelab.training.step import StepStats, grad_norm, step_objective
 from vaelab.training.step_records import NonFiniteTracker
 
@@ -51,17 +52,22 @@ class StepEngine:
     clip_grad_norm_ does (None: no clipping; the norm is measured all the same, for train/grad_norm). backward: how to backpropagate
     (Lightning's manual_backward under DDP and fp16; Tensor.backward otherwise). check_every: steps between
     NaN/inf checks (1: every step, stopping before a non-finite objective reaches the weights; None: CHECK_EVERY
-    for the model's device). The non-finite rule is the engine's: raise_if_nonfinite says it in one sentence."""
+    for the model's device). The non-finite rule is the engine's: raise_if_nonfinite says it in one sentence.
+    average: the weights' moving average to update after each applied step (stabilisers.py; None: none).
+    skip_above: skip an update whose gradient norm before clipping is above this (None: never); a non-finite norm
+    is left to fp16's loss scaler, or to the non-finite check."""
 
     name = "eager"
 
     def __init__(self, model: torch.nn.Module, optimizer, loss: Loss, images: Callable[[Tensor, int], Tensor],
                  clip: Callable[[], None] | None = None, backward: Callable[[Tensor], None] | None = None,
-                 check_every: int | None = None) -> None:
+                 check_every: int | None = None, average: WeightAverage | None = None,
+                 skip_above: float | None = None) -> None:
         self.model, self.optimizer, self.loss, self.images = model, optimizer, loss, images
         self.backward = backward or Tensor.backward
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params = [p for p in model.parameters() if p.requires_grad]
         self.clip = clip if clip is not None else (lambda: grad_norm(params))
+        self.average, self.skip_above = average, skip_above
         if check_every is None:
             device = next(model.parameters()).device.type
             check_every = CHECK_EVERY.get(device, CHECK_EVERY_ELSEWHERE)
@@ -101,13 +107,24 @@ class StepEngine:
         noise = self.loss.draw_noise(self.model, x.shape[0], x.device)
         objective, values = step_objective(self.model, x, noise, self.loss, self.weight(step))
         if check and self.check_every == 1 and not math.isfinite(objective.item()):  # free on a CPU: no sync to wait for
-            row = StepStats.row(**values, grad_norm=objective.new_zeros(()))  # no gradient yet
+            row = StepStats.row(**values, grad_norm=objective.new_zeros(()), skipped_steps=objective.new_zeros(()))
             self.stop_at_first_nonfinite(StepStats(row[None]), step)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(objective)
         norm = self.clip()
+        if self.skip_above is None:
+            self._apply()
+            skipped = torch.zeros_like(norm)
+        else:
+            skipped = (norm > self.skip_above) & torch.isfinite(norm)
+            apply_unless_skipped(self._apply, skipped, self.optimizer, self.params, self.average)
+        return StepStats.row(**values, grad_norm=norm, skipped_steps=skipped)
+
+    def _apply(self) -> None:
+        """The update: the optimiser's step, then the moving average's."""
         self.optimizer.step()
-        return StepStats.row(**values, grad_norm=norm)
+        if self.average is not None:
+            self.average.update()
 
     def _track(self, stats: StepStats, step0: int) -> None:
         """Between checks, note the first non-finite step on the device; at each interval, look (on a GPU through

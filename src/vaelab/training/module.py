@@ -1,11 +1,16 @@
 """VAEModule: the Lightning wrapper every VAE shares. It knows the protocol (models/base.py), not the model.
 Training uses manual optimisation: each `training_step` runs `steps_per_execution` optimiser steps through the
 step engine (engine.py), eagerly or as one CUDA graph, and everything that counts steps counts optimiser steps.
-Validation and test update one bundle of metrics (evaluation/metrics.py), the one vaelab-eval uses."""
+Validation and test update one bundle of metrics (evaluation/metrics.py), the one vaelab-eval uses, with the
+moving average's weights when trainer.ema_rate is set.
+
+Why it is long: it is Lightning's one seam, every hook a run passes through (steps, epochs, validation, test,
+the optimiser and the engine, checkpoints), each a few lines that hand over to the file that owns the work."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -25,6 +30,7 @@ from vaelab.training.optim import build_optimizer
 from vaelab.training.recipe import TrainingRecipe
 from vaelab.training.run_state import TrainTime, restore_run_state, save_run_state
 from vaelab.training.runner import Solo, clip_through_lightning
+from vaelab.training.stabilisers import WeightAverage
 from vaelab.training.step_records import StepCurves, StepMeans
 
 log = logging.getLogger("vaelab")
@@ -47,6 +53,9 @@ class VAEModule(L.LightningModule):
         self.recipe, self.loss = recipe, recipe.loss
         self.automatic_optimization = False  # the step engine runs the optimiser steps itself
         self.model = model
+        # trainer.ema_rate: the weights' moving average, a submodule (in checkpoints); what evaluation uses
+        self.average = WeightAverage(model, recipe.ema_rate) if recipe.ema_rate > 0 else None
+        self.ema_model = self.average.model if self.average is not None else None
         self.execution_plan: ExecutionPlan | None = None  # resolved with the device, in configure_optimizers
         self.engine: StepEngine | None = None  # built at every fit's start; owns steps per epoch and the NaN rule
         self.restored_metrics: dict[str, float] = {}  # the metrics logged before the checkpoint a fit resumed from
@@ -75,6 +84,12 @@ class VAEModule(L.LightningModule):
         kwargs.setdefault("weights_only", True)
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, **kwargs)
+
+    @property
+    def eval_model(self) -> VAEBase:
+        """The weights validation, test and sample grids use: the moving average with trainer.ema_rate, else the
+        model's own."""
+        return self.ema_model if self.ema_model is not None else self.model
 
     @property
     def attached(self) -> bool:
@@ -162,7 +177,9 @@ class VAEModule(L.LightningModule):
         self.log("train/lr", float(self.optimizers().optimizer.param_groups[0]["lr"]))  # this epoch's rate
         schedule = self.lr_schedulers()
         if schedule is not None and not isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            schedule.step()
+            with warnings.catch_warnings():  # an epoch whose every update was skipped (trainer.gradient_skip_threshold)
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                schedule.step()
 
     def on_train_end(self) -> None:
         self.curves.flush(self.loggers, wait=True)
@@ -180,7 +197,7 @@ class VAEModule(L.LightningModule):
                 callback.stop_after_validation(self.trainer, self)
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        self.runner.evaluate(self.val_metrics, self.model, x)  # in a stacked sweep: vmapped with the other members
+        self.runner.evaluate(self.val_metrics, self.eval_model, x)  # stacked: vmapped with the other members
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_metrics.compute("val")
@@ -192,7 +209,7 @@ class VAEModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, index = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        self.runner.evaluate(self.test_metrics, self.model, x, index)
+        self.runner.evaluate(self.test_metrics, self.eval_model, x, index)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute("test"))
@@ -202,14 +219,15 @@ class VAEModule(L.LightningModule):
     def configure_optimizers(self):
         recipe = self.recipe
         if not self.attached:  # outside a Trainer (a plain check of the optimiser): no engine to set up
-            return build_optimizer(recipe.optimizer, list(self.parameters()))
+            return build_optimizer(recipe.optimizer, list(self.model.parameters()))
         datamodule = self.trainer.datamodule
         takes_plans = hasattr(datamodule, "use_execution_plan")  # vaelab's ImageDataModule; a plain loader does not
         plan = plan_execution(self, recipe.cuda_graphs, recipe.steps_per_execution if takes_plans else 1)
         self.execution_plan = plan if takes_plans else None
         if takes_plans:
             datamodule.use_execution_plan(plan)  # its loader cuts executions of this plan
-        optimizer = build_optimizer(recipe.optimizer, list(self.parameters()), capturable=plan.indices_on is not None)
+        optimizer = build_optimizer(recipe.optimizer, list(self.model.parameters()),
+                                    capturable=plan.indices_on is not None)
         schedule = recipe.scheduler(optimizer) if recipe.scheduler is not None else None
         if schedule is None:
             return optimizer
@@ -225,7 +243,9 @@ class VAEModule(L.LightningModule):
         opt, clip_value = self.optimizers(), self.recipe.gradient_clip_val
         plan, gather = self.execution_plan, getattr(self.trainer.datamodule, "train_batch", None)
         direct = self.trainer.world_size == 1 and getattr(self.trainer.strategy.precision_plugin, "scaler", None) is None
-        params = list(self.parameters())
+        params = list(self.model.parameters())
+        if self.average is not None:
+            self.average.bind(self.model)  # after the device move and any checkpoint's weights
         if direct:
             optimizer, backward = opt.optimizer, None
             clip = partial(torch.nn.utils.clip_grad_norm_, params, clip_value, foreach=True) if clip_value else None
@@ -234,7 +254,8 @@ class VAEModule(L.LightningModule):
             clip = partial(clip_through_lightning, self, opt, params, clip_value)
         args = dict(model=self.model, optimizer=optimizer, loss=self.loss, backward=backward,
                     images=partial(step_images, plan=plan, gather=gather), clip=clip,
-                    check_every=self.recipe.check_finite_every_n_steps)
+                    check_every=self.recipe.check_finite_every_n_steps, average=self.average,
+                    skip_above=self.recipe.gradient_skip_threshold)
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         return self.runner.engine(args, plan, batch_size, self.trainer.max_epochs, clip_value)
 

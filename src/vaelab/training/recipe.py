@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from vaelab.checks import Arg, check_args, one_of, positive
+from vaelab.errors import ConfigError
 from vaelab.evaluation.metrics import IMPORTANCE_ARGS
 from vaelab.training.objective import Loss
 from vaelab.training.optim import Factory, as_spec, from_spec, optimizer_factory, scheduler_factory
@@ -35,6 +36,10 @@ class TrainingRecipe:
         (ReduceLROnPlateau on val/loss), the rate logged as train/lr.
     gradient_clip_val: clip the gradients' global L2 norm to this before each optimiser step (None: off). Under
         manual optimisation Lightning's Trainer(gradient_clip_val) is not allowed; vaelab clips itself.
+    gradient_skip_threshold: skip an update whose gradient norm (before clipping) is above this, as VDVAE does, and
+        count it (train/skipped_steps); None: never (stabilisers.py).
+    ema_rate: keep an exponential moving average of the weights with this rate (VDVAE: 0.9999), used for validation,
+        test, sample grids and the checkpoint's evaluation copy; 0: none (stabilisers.py).
     steps_per_execution: optimiser steps per Lightning step (each on its own batch), or "auto" (engine.AUTO_STEPS).
     cuda_graphs: "auto" (capture the whole step as a CUDA graph when training on one CUDA device and it can be
         captured; else eager, saying why), True (the same, but refuse to start when it cannot), False.
@@ -51,6 +56,8 @@ class TrainingRecipe:
     optimizer: Factory = field(default_factory=default_optimizer)
     scheduler: Factory | None = None
     gradient_clip_val: float | None = None
+    gradient_skip_threshold: float | None = None
+    ema_rate: float = 0.0
     steps_per_execution: int | str = 1
     cuda_graphs: bool | str = "auto"
     check_finite_every_n_steps: int | None = None
@@ -67,10 +74,15 @@ class TrainingRecipe:
         "steps_per_execution": Arg("trainer.steps_per_execution", "int", 1, auto=True),
         "cuda_graphs": one_of("cuda_graphs", "auto", True, False),
         "gradient_clip_val": positive("trainer.gradient_clip_val", nullable=True),
+        "gradient_skip_threshold": positive("trainer.gradient_skip_threshold", nullable=True),
+        "ema_rate": Arg("trainer.ema_rate", "number", 0.0),
     }
 
     def __post_init__(self) -> None:
         check_args(self.ARGS, {f.name: getattr(self, f.name) for f in fields(self)})
+        if not 0 <= self.ema_rate < 1:
+            raise ConfigError(f"trainer.ema_rate={self.ema_rate} must be in [0, 1): the weight the average keeps at each "
+                              "step (0.999 or 0.9999 are usual; 0: no average)")
         if not isinstance(self.loss, Loss):
             raise TypeError(f"loss must be a vaelab.training.objective.Loss, got {type(self.loss).__name__}")
         as_spec(self.optimizer), as_spec(self.scheduler)  # a class or a partial of one: one sentence otherwise

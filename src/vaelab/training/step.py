@@ -25,6 +25,7 @@ class Stat:
     per_layer: bool = False
     curve: bool = False
     epoch_mean: bool = False
+    epoch_total: bool = False  # logged per epoch as train/<name>, its sum over the epoch's steps
 
 
 STATS = (
@@ -32,6 +33,7 @@ STATS = (
     Stat("kl_layers", per_layer=True),  # each layer's KL summed over the step's images
     Stat("objective", curve=True),  # what the step minimised (its batch mean)
     Stat("grad_norm", curve=True, epoch_mean=True),  # the gradient's global L2 norm before clipping
+    Stat("skipped_steps", epoch_total=True),  # 1 where the update was skipped (trainer.gradient_skip_threshold)
 )
 
 
@@ -73,6 +75,7 @@ class StepStats:
     kl_layers = property(lambda self: self["kl_layers"])
     objective = property(lambda self: self["objective"])
     grad_norm = property(lambda self: self["grad_norm"])
+    skipped_steps = property(lambda self: self["skipped_steps"])
 
     @property
     def steps(self) -> int:
@@ -84,7 +87,7 @@ class StepStats:
 
 def step_objective(model, x: Tensor, noise: Tensor, loss: Loss, weight: float | Tensor,
                    free_bits: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """A step's objective (to backpropagate) and its statistics but the gradient's: images x [B, C, H, W], the
+    """A step's objective (to backpropagate) and its statistics but the update's (grad_norm, skipped_steps): images x [B, C, H, W], the
     step's draws (loss.draw_noise's), the KL weight; free_bits, a stacked member's own (None: loss's)."""
     objective, terms = loss.step(model, x, noise, weight, free_bits)
     return objective, {"recon": terms.recon.detach().sum(0), "kl_layers": terms.kl_layers.detach().sum(-1),

@@ -16,7 +16,8 @@ from vaelab.evaluation.metrics import compute_restored
 from vaelab.training.step import STATS, StepStats
 
 CURVES = [s.name for s in STATS if s.curve]  # train_step/<name>, beside the ELBO's curves
-EPOCH_MEANS = [s.name for s in STATS if s.epoch_mean]  # train/<name>, the mean over an epoch's steps
+EPOCH_MEANS = [s.name for s in STATS if s.epoch_mean or s.epoch_total]  # train/<name>, over an epoch's steps
+EPOCH_TOTALS = [s.name for s in STATS if s.epoch_total]  # ... as their sum, not their mean
 
 
 def _copy_to_host(t: Tensor) -> tuple[Tensor, torch.cuda.Event]:
@@ -112,8 +113,9 @@ class StepCurves:
 
 
 class StepMeans(Metric):
-    """An epoch's mean over its optimiser steps of every statistic STATS logs so (train/grad_norm), as summed
-    states: right under DDP, and kept in checkpoints (a run resumed mid-epoch keeps the epoch's sums)."""
+    """An epoch's mean over its optimiser steps of every statistic STATS logs so (train/grad_norm), or its total
+    (train/skipped_steps), as summed states: right under DDP (every rank takes the same steps: a total is the mean
+    times one rank's steps), and kept in checkpoints (a run resumed mid-epoch keeps the epoch's sums)."""
 
     full_state_update = False
 
@@ -121,14 +123,16 @@ class StepMeans(Metric):
         super().__init__(**kwargs)
         self.add_state("total", default=torch.zeros(len(EPOCH_MEANS), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("steps", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
 
     def update(self, stats: StepStats) -> None:
         self.total += torch.stack([stats[name].detach().sum() for name in EPOCH_MEANS]).double()
         self.count += stats.steps
+        self.steps += stats.steps
 
     def compute(self) -> dict[str, Tensor]:
         mean = (self.total / self.count).float()
-        return dict(zip(EPOCH_MEANS, mean))
+        return {name: m * self.steps if name in EPOCH_TOTALS else m for name, m in zip(EPOCH_MEANS, mean)}
 
     def compute_restored(self) -> dict[str, Tensor]:
         return compute_restored(self)

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch import Tensor
 
+from vaelab.checks import check_args, positive
 from vaelab.errors import SaveError
 from vaelab.evaluation.grids import all_grids, grid_note
 from vaelab.training.checkpoints import checkpoint_dir, save_failure
@@ -51,8 +52,12 @@ class ImageGrids(L.Callback):
     show the same latent draws. Each drawing is logged once: when training ends at a step whose grids were just
     drawn, the `final` PNGs are copies of them."""
 
+    ARGS = {"temperature": positive("callbacks.image_grids.temperature")}
+
     def __init__(self, save_dir: str, every_n_epochs: int = 1, num_samples: int = 64,
-                 num_reconstructions: int = 32, seed: int = 0) -> None:
+                 num_reconstructions: int = 32, seed: int = 0, temperature: float = 1.0) -> None:
+        check_args(self.ARGS, {"temperature": temperature})
+        self.temperature = float(temperature)  # the prior samples' (models/base.py sample)
         self.save_dir = Path(save_dir)
         self.every_n_epochs = max(1, int(every_n_epochs))
         self.num_samples, self.num_reconstructions, self.seed = num_samples, num_reconstructions, seed
@@ -89,14 +94,14 @@ class ImageGrids(L.Callback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> dict[str, Path]:
-        model = pl_module.model
+        model = getattr(pl_module, "eval_model", pl_module.model)  # the moving average, with trainer.ema_rate
         was_training = model.training
         model.eval()
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             x = trainer.datamodule.example_batch(self.num_reconstructions).to(pl_module.device)
-            grids = all_grids(model, x, self.num_samples)
+            grids = all_grids(model, x, self.num_samples, temperature=self.temperature)
         model.train(was_training)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         paths = {}
@@ -104,7 +109,7 @@ class ImageGrids(L.Callback):
             pixels = to_uint8(grid)
             paths[name] = self.save_dir / f"{name}_{tag}.png"
             write_png(trainer, paths[name], Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save)
-            note = grid_note(name, model, self.num_samples)
+            note = grid_note(name, model, self.num_samples, self.temperature)
             log_image(trainer, f"images/{name}", pixels,
                       f"{name}, {tag}, step {trainer.global_step}" + (f", {note}" if note else ""))
         self._drawn = (trainer.global_step, paths)

@@ -205,6 +205,8 @@ class LineProgress(ProgressBar):
         self._test_images += x.shape[0] * trainer.world_size
         self._test_batches += 1
         batches = trainer.num_test_batches[dataloader_idx] if trainer.num_test_batches else float("inf")
+        if self._test_batches == 1 and batches > 1:
+            self._expect(trainer, pl_module)
         every = self.every_n_batches if batches == float("inf") else min(self.every_n_batches,
                                                                            max(1, int(batches) // 10))
         if self._test_batches % every or self._test_batches >= batches:
@@ -215,6 +217,19 @@ class LineProgress(ProgressBar):
         line += f", {self._test_images / max(seconds, 1e-9):,.0f} images/s"
         if total:
             line += f", left {duration((total - self._test_images) * seconds / self._test_images)}"
+        self._print(trainer, line)
+
+    def _expect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the first batch, the phase's expected time: the importance-sampled NLL costs K decoder passes per
+        image, which on a CPU can be hours; the line names what sets it."""
+        total = self._test_total(trainer)
+        if not total:
+            return
+        seconds = time.perf_counter() - self._test_start
+        k = getattr(getattr(pl_module, "test_metrics", None), "importance_samples", None)
+        line = f"test: expected {duration(total * seconds / self._test_images)} for {total:,} images"
+        if k:
+            line += f" at K={k} (eval.importance_samples and data.test_subset set its cost)"
         self._print(trainer, line)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
