@@ -51,6 +51,7 @@ from vaelab.training.log_rows import EMPTY_HISTORIES
 from vaelab.training.loggers import finished_on_error
 from vaelab.training.module import VAEModule
 from vaelab.training.runner import Solo
+from vaelab.training.stops import EarlyStops
 
 log = logging.getLogger("vaelab")
 # vaelab's run guard decides who writes into a run directory (a new run gets a new one, resume=auto continues its
@@ -60,7 +61,17 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 
 def train(cfg: DictConfig, runner: Solo | None = None) -> dict[str, Any]:
     """Train and test one configuration; return its results (also written to results.json). runner: how the run
-    trains (training/runner.py; a stacked sweep's launcher hands each member its own), alone by default."""
+    trains (training/runner.py; a stacked sweep's launcher hands each member its own), alone by default. A stop
+    signal during set-up is recorded (stops.py EarlyStops): the run stops, saved, once it trains."""
+    early = any(str((n or {}).get("_target_", "")).endswith(".Preemption") for n in (cfg.get("callbacks") or {}).values())
+    EarlyStops.watch(enabled=early)
+    try:
+        return _train(cfg, runner)
+    finally:
+        EarlyStops.restore()
+
+
+def _train(cfg: DictConfig, runner: Solo | None = None) -> dict[str, Any]:
     validate(cfg)
     if cfg.get("extras", {}).get("print_config") and rank_zero_only.rank == 0:
         print_config(cfg)

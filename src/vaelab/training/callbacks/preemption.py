@@ -3,12 +3,13 @@ cleanly, and under submitit its job is requeued to continue from that checkpoint
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from vaelab.training.stops import first_stop
+from vaelab.training.stops import EarlyStops, first_stop
 
 
 class Preemption(L.Callback):
@@ -74,9 +75,12 @@ class Preemption(L.Callback):
         for name in self.SIGNALS:
             signum = getattr(signal, name)
             current = signal.getsignal(signum)
+            if current == EarlyStops.flag:  # set-up's recorder: the handler before it is the previous one
+                current = EarlyStops.previous.get(signum, signal.SIG_DFL)
             if current != self._flag and signum not in self._previous:
                 self._previous[signum] = current
             signal.signal(signum, self._flag)
+        self.signal_name = self.signal_name or EarlyStops.take()  # a stop that came during set-up
 
     def _flag(self, signum, frame) -> None:
         self.signal_name = first_stop(signum, self.signal_name, "saving at the end of this step")
@@ -179,6 +183,9 @@ def _submitit_owner(handler):
     """submitit's signal-handling object behind `handler`, or None. Lightning wraps the SIGTERM handler it finds
     (submitit's) together with its own in a _HandlersCompose, whose `signal_handlers` hold both."""
     for candidate in getattr(handler, "signal_handlers", [handler]):
+        if candidate == EarlyStops.flag:  # set-up's recorder, which holds the handler it found
+            return _submitit_owner(EarlyStops.previous.get(signal.SIGUSR2)) or _submitit_owner(
+                EarlyStops.previous.get(signal.SIGTERM))
         owner = getattr(candidate, "__self__", None)
         if owner is not None and type(owner).__module__.startswith("submitit"):
             return owner
